@@ -39,7 +39,7 @@ def _module_kind(name):
     owner = parts[-2] if len(parts) >= 2 else parts[0]
     if '_' in owner and 'x' in owner.split('_')[0]:   # '32x32_conv' -> 'conv'
         owner = owner.split('_', 1)[1]
-    return owner.rstrip('0123456789') or owner
+    return owner
 
 
 def freeze_report(net, freeze_level=None):
