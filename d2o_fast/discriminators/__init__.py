@@ -1,0 +1,40 @@
+"""Discriminators: the Projected-GAN discriminator on frozen pretrained backbones, and a from-scratch
+residual StyleGAN2 discriminator. `build_discriminator` is the one constructor other layers use.
+
+Same layer as d2o_fast.nets: imports only torch (and optionally timm / safetensors for weights).
+"""
+
+from d2o_fast.discriminators.backbones import BACKBONES, build_backbone, fold_batchnorm
+from d2o_fast.discriminators.errors import BackboneWeightsError, DiscriminatorConfigError
+from d2o_fast.discriminators.projected import ProjectedDiscriminator
+from d2o_fast.discriminators.stylegan2 import StyleGAN2Discriminator
+from d2o_fast.discriminators.weights import load_backbone_weights
+
+# The authors' backbone pairs by dataset resolution (CIFAR-10 / 64x64 datasets).
+DEFAULT_BACKBONES = {
+    32: ('vgg16_bn', 'tf_efficientnet_lite0'),
+    64: ('deit_base_distilled_patch16_224', 'tf_efficientnet_lite0'),
+}
+
+DISCRIMINATOR_KINDS = ('projected', 'stylegan2')
+
+
+def build_discriminator(kind, img_resolution, img_channels=3, c_dim=0, **kwargs):
+    """A discriminator by kind: 'projected' (kwargs of ProjectedDiscriminator) or 'stylegan2'.
+
+    For 'projected' without `backbones`, the authors' pair for the resolution is used
+    (vgg16_bn + tf_efficientnet_lite0 up to 32x32, deit_base_distilled + tf_efficientnet_lite0 above).
+    """
+    if kind == 'projected':
+        if img_channels != 3:
+            raise DiscriminatorConfigError(f'the projected discriminator needs RGB images (img_channels=3), got {img_channels}')
+        kwargs.setdefault('backbones', DEFAULT_BACKBONES[32] if img_resolution <= 32 else DEFAULT_BACKBONES[64])
+        return ProjectedDiscriminator(c_dim=c_dim, **kwargs)
+    if kind == 'stylegan2':
+        return StyleGAN2Discriminator(img_resolution=img_resolution, img_channels=img_channels, c_dim=c_dim, **kwargs)
+    raise DiscriminatorConfigError(f'unknown discriminator kind {kind!r}; expected one of {list(DISCRIMINATOR_KINDS)}')
+
+
+__all__ = ['build_discriminator', 'DISCRIMINATOR_KINDS', 'DEFAULT_BACKBONES', 'ProjectedDiscriminator',
+           'StyleGAN2Discriminator', 'BACKBONES', 'build_backbone', 'fold_batchnorm', 'load_backbone_weights',
+           'DiscriminatorConfigError', 'BackboneWeightsError']
