@@ -1,0 +1,151 @@
+"""Training configuration: one dataclass, one preset table, the resolved config written to the run folder.
+
+Presets reproduce the authors' runs (Zyriix/D2O train.sh, see shared/reference/d2o.md); every field can be
+overridden from the command line. `demo` is the default: it runs on a laptop CPU with data and a
+pretrained model that ship with the package.
+"""
+
+import dataclasses
+import hashlib
+import json
+from typing import Optional
+
+# The authors' GAN loss is summed over the images of one GPU (their discriminator returns one logit row per
+# image and the loss sums the per-row means), while R1 is averaged over images. This project averages both
+# over the batch so that results do not depend on the number of GPUs; their gamma = 1e-4 at 64 images per GPU
+# (batch 256 on 4 GPUs) is therefore gamma = 1e-4 / 64 here, which keeps R1's weight relative to the GAN loss.
+AUTHORS_R1_GAMMA = 1e-4
+AUTHORS_IMAGES_PER_GPU = 64
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # What to train.
+    preset: str = 'demo'
+    init: str = 'demo'                      # EDM .pkl, D2O .pkl, project snapshot, 'random', or 'demo'
+    arch: Optional[str] = None              # architecture for --init random: ddpmpp, ncsnpp, adm
+    data: str = 'demo'                      # dataset zip, image folder, .npy/.npz, or 'demo'
+    cond: Optional[bool] = None             # None: follow the network's label_dim
+    freeze: int = 1                         # D2O-F freeze level 0-3 (0 = D2O)
+    xflip: bool = False
+
+    # Discriminator.
+    disc: str = 'stylegan2'                 # 'projected' (the paper's) or 'stylegan2' (needs no weights)
+    disc_backbones: tuple = ('vgg16_bn', 'tf_efficientnet_lite0')
+    disc_weights: Optional[str] = None      # folder with timm-format backbone weights (offline clusters)
+    disc_channels: int = 64                 # stylegan2: channel width base (max), tiny for the demo
+
+    # Optimisation (Adam betas (0, 0.99), eps 1e-8 for both networks).
+    batch: int = 256                        # global batch = batch_gpu x ranks x accumulation rounds
+    batch_gpu: Optional[int] = None         # per-device batch; None = batch / ranks
+    lr: float = 1e-4
+    dlr: float = 1e-4
+    r1_gamma: float = AUTHORS_R1_GAMMA / AUTHORS_IMAGES_PER_GPU
+    r1_interval: int = 16
+    ema_mimg: float = 0.5                   # EMA half-life in millions of images ...
+    ema_rampup: float = 0.05                # ... capped at this fraction of the images seen
+    kimg: float = 5000                      # training duration in thousands of images
+    precision: str = 'auto'                 # generator: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32
+    disc_precision: str = 'fp32'            # discriminator: fp32 (the authors'), bf16
+
+    # Performance.
+    compile: bool = False
+    kernels: str = 'auto'                   # fused GroupNorm backend: auto, triton, cuda, cpu, torch
+    data_backend: str = 'auto'              # auto, native, dali
+    workers: int = 2
+
+    # Run folder, progress and checkpoints.
+    outdir: str = 'training-runs'
+    run_dir: Optional[str] = None           # explicit run folder (otherwise outdir/NNNNN-preset-...)
+    resume: str = 'auto'                    # auto, none, or a training-state path
+    seed: int = 0
+    tick_kimg: float = 50
+    snapshot_ticks: int = 10                # EMA snapshot + grid every N ticks
+    checkpoint_ticks: int = 10              # full training state every N ticks
+    keep_checkpoints: int = 3
+    nan_patience: int = 20                  # stop after this many consecutive non-finite steps
+    grid_size: int = 64                     # images in the progress grid
+    eval_demo: bool = False                 # demo: evaluate before/after and print the table
+    profile: bool = False
+
+    def resolved_batch_gpu(self, world_size):
+        per_rank = self.batch // world_size
+        if self.batch % world_size:
+            raise ValueError(f'--batch {self.batch} is not divisible by the number of processes ({world_size})')
+        batch_gpu = self.batch_gpu or per_rank
+        if per_rank % batch_gpu:
+            raise ValueError(f'--batch {self.batch} / {world_size} processes = {per_rank} is not a multiple of --batch-gpu {batch_gpu}')
+        return batch_gpu, per_rank // batch_gpu
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def identity(self):
+        """Hash of what defines the run (not where it is written or how it resumes)."""
+        d = dataclasses.asdict(self)
+        for k in ('outdir', 'run_dir', 'resume', 'workers', 'profile', 'tick_kimg', 'snapshot_ticks',
+                  'checkpoint_ticks', 'keep_checkpoints', 'eval_demo', 'data_backend', 'kernels', 'compile'):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#----------------------------------------------------------------------------
+# Presets: the authors' runs, and the CPU demo.
+
+def _projected(backbones):
+    return dict(disc='projected', disc_backbones=backbones)
+
+
+CIFAR_DISC = _projected(('vgg16_bn', 'tf_efficientnet_lite0'))
+FACES_DISC = _projected(('deit_base_distilled_patch16_224', 'tf_efficientnet_lite0'))
+
+PRESETS = {
+    'cifar10-uncond': dict(init='pretrained/edm-cifar10-32x32-uncond-ve.pkl', data='datasets/cifar10-32x32.zip', cond=False,
+                           batch=256, lr=1e-4, dlr=1e-4, ema_mimg=0.5, kimg=5000, freeze=0, **CIFAR_DISC),
+    'cifar10-cond':   dict(init='pretrained/edm-cifar10-32x32-cond-ve.pkl', data='datasets/cifar10-32x32.zip', cond=True,
+                           batch=256, lr=1e-4, dlr=1e-4, ema_mimg=0.5, kimg=5000, freeze=0, **CIFAR_DISC),
+    'afhqv2-64':      dict(init='pretrained/edm-afhqv2-64x64-uncond-ve.pkl', data='datasets/afhqv2-64x64.zip', cond=False,
+                           batch=256, lr=2e-5, dlr=4e-5, ema_mimg=0.5, kimg=10000, freeze=0, **FACES_DISC),
+    'ffhq-64':        dict(init='pretrained/edm-ffhq-64x64-uncond-ve.pkl', data='datasets/ffhq-64x64.zip', cond=False,
+                           batch=256, lr=2e-5, dlr=4e-5, ema_mimg=0.5, kimg=10000, freeze=0, **FACES_DISC),
+    'imagenet-64':    dict(init='pretrained/edm-imagenet-64x64-cond-adm.pkl', data='datasets/imagenet-64x64.zip', cond=True,
+                           batch=512, lr=8e-6, dlr=4e-5, ema_mimg=50, kimg=10000, freeze=0, **FACES_DISC),
+    # The CPU demo: the shipped pre-trained digits model, D2O-F, a small from-scratch discriminator.
+    'demo':           dict(init='demo', data='demo', cond=True, freeze=1, disc='stylegan2', disc_channels=64,
+                           batch=32, lr=2e-4, dlr=2e-4, ema_mimg=0.01, kimg=20, tick_kimg=2, snapshot_ticks=5,
+                           checkpoint_ticks=5, eval_demo=True, xflip=False),
+}
+
+
+def resolve_config(preset='demo', **overrides):
+    """Preset values, then explicit overrides (None means 'not given')."""
+    if preset not in PRESETS:
+        raise ValueError(f'unknown preset {preset!r}; expected one of {", ".join(sorted(PRESETS))}')
+    values = dict(PRESETS[preset], preset=preset)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f'unknown config fields: {", ".join(unknown)}')
+    cfg = TrainConfig(**values)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg):
+    checks = [
+        (cfg.freeze in (0, 1, 2, 3), f'--freeze must be 0-3, got {cfg.freeze}'),
+        (cfg.disc in ('projected', 'stylegan2'), f'--disc must be projected or stylegan2, got {cfg.disc!r}'),
+        (cfg.precision in ('auto', 'bf16', 'fp16', 'fp32'), f'--precision must be auto, bf16, fp16 or fp32, got {cfg.precision!r}'),
+        (cfg.disc_precision in ('bf16', 'fp32'), f'--disc-precision must be bf16 or fp32, got {cfg.disc_precision!r}'),
+        (cfg.batch > 0 and (cfg.batch_gpu is None or cfg.batch_gpu > 0), '--batch and --batch-gpu must be positive'),
+        (cfg.lr > 0 and cfg.dlr > 0, '--lr and --dlr must be positive'),
+        (cfg.kimg > 0, '--kimg must be positive'),
+        (cfg.r1_interval >= 1 and cfg.r1_gamma >= 0, '--r1-interval must be >= 1 and --r1-gamma >= 0'),
+        (cfg.kernels in ('auto', 'triton', 'cuda', 'cpu', 'torch'), f'--kernels must be auto, triton, cuda, cpu or torch, got {cfg.kernels!r}'),
+        (cfg.data_backend in ('auto', 'native', 'dali'), f'--data-backend must be auto, native or dali, got {cfg.data_backend!r}'),
+        (cfg.init != 'random' or cfg.arch in ('ddpmpp', 'ncsnpp', 'adm'), '--init random needs --arch ddpmpp, ncsnpp or adm'),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
