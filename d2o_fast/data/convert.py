@@ -1,7 +1,7 @@
 """Writing EDM's dataset ZIP format: uncompressed PNGs in 00000/, 00001/, ... plus dataset.json labels.
 
 Member names follow EDM's dataset_tool ('00000/img00000000.png'), so the result is readable
-by EDM's own training code as well as by ImageFileDataset. The ZIP is written to a temporary
+by EDM's own training code as well as by ImageFileDataset, and byte-for-byte deterministic. The ZIP is written to a temporary
 file next to the destination and renamed into place, so a crash never leaves a partial dataset.
 """
 
@@ -13,6 +13,8 @@ import zipfile
 from d2o_fast.data.datasets import LABELS_FILE
 from d2o_fast.data.errors import DatasetError
 from d2o_fast.data.image_files import encode_png
+
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)     # fixed member timestamps: the same input gives the same bytes
 
 
 def edm_member_name(index):
@@ -38,12 +40,12 @@ def write_edm_zip(dataset, dest, max_images=None, progress=None):
         with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED) as zf:
             for i in range(count):
                 name = edm_member_name(i)
-                zf.writestr(name, encode_png(dataset.image(i).transpose(1, 2, 0)))
+                zf.writestr(zipfile.ZipInfo(name, ZIP_DATE_TIME), encode_png(dataset.image(i).transpose(1, 2, 0)))
                 labels.append([name, dataset.label(i)])
                 if progress is not None:
                     progress(i + 1, count)
             meta = {'labels': labels if dataset.labels is not None else None}
-            zf.writestr(LABELS_FILE, json.dumps(meta))
+            zf.writestr(zipfile.ZipInfo(LABELS_FILE, ZIP_DATE_TIME), json.dumps(meta))
         os.replace(tmp, dest)
     except BaseException:
         os.unlink(tmp)
