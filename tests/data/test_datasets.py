@@ -211,3 +211,15 @@ def test_encode_png_is_lossless():
         img = random_images(1, 16, channels, seed=9)[0].transpose(1, 2, 0)
         decoded = np.asarray(PIL.Image.open(io.BytesIO(encode_png(img))))
         np.testing.assert_array_equal(decoded.reshape(img.shape), img)
+
+
+def test_deflated_zip_reads_like_stored(tmp_path, labelled_zip):
+    """Zips from other tools may compress their members: read through zipfile instead of os.pread."""
+    path, images, labels = labelled_zip
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp_path / 'deflated.zip', 'w', zipfile.ZIP_DEFLATED) as dst:
+        for name in src.namelist():
+            dst.writestr(name, src.read(name))
+    ds = open_dataset(tmp_path / 'deflated.zip')
+    np.testing.assert_array_equal(ds.images(range(len(ds))), images)
+    np.testing.assert_array_equal(ds.labels, labels)
+    assert ds._store.read_head(ds.name(0), 8) == b'\x89PNG\r\n\x1a\n'
