@@ -29,15 +29,15 @@ def make_loader(dataset, *, batch_per_device, backend='auto', seed=0, rank=0, wo
     backend: 'native' (PIL + threads), 'dali' (NVIDIA DALI), or 'auto' = DALI on CUDA when it is
     installed and can read the dataset, else native. Both give the same batches for the same seed.
     """
-    from d2o_fast.data.dali import DaliLoader, dali_available, dali_unsupported_reason
     if backend not in BACKENDS:
         raise LoaderError(f'unknown loader backend {backend!r}; expected one of {BACKENDS}')
     if not isinstance(dataset, ImageDataset):
         dataset = open_dataset(dataset)
-    if backend == 'auto':
-        use_dali = torch.device(device).type == 'cuda' and dali_available() and not dali_unsupported_reason(dataset)
-        backend = 'dali' if use_dali else 'native'
-    cls = DaliLoader if backend == 'dali' else NativeLoader
+    cls = NativeLoader
+    if backend == 'dali' or (backend == 'auto' and torch.device(device).type == 'cuda'):
+        from d2o_fast.data.dali import DaliLoader, dali_available, dali_unsupported_reason   # importing DALI is slow
+        if backend == 'dali' or (dali_available() and not dali_unsupported_reason(dataset)):
+            cls = DaliLoader
     return cls(dataset, batch_per_device=batch_per_device, seed=seed, rank=rank, world_size=world_size, xflip=xflip,
                label_dim=label_dim, device=device, num_workers=num_workers, prefetch=prefetch)
 

@@ -33,8 +33,11 @@ def write_edm_zip(dataset, dest, max_images=None, progress=None):
     folder = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(folder):
         raise DatasetError(f'{dest}: the destination folder {folder} does not exist')
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(dest) + '.', suffix='.tmp', dir=folder)
-    os.close(fd)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(dest) + '.', suffix='.tmp', dir=folder)
+        os.close(fd)
+    except OSError as e:
+        raise DatasetError(f'{dest}: cannot write ({e})') from None
     try:
         labels = []
         with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED) as zf:
@@ -47,6 +50,9 @@ def write_edm_zip(dataset, dest, max_images=None, progress=None):
             meta = {'labels': labels if dataset.labels is not None else None}
             zf.writestr(zipfile.ZipInfo(LABELS_FILE, ZIP_DATE_TIME), json.dumps(meta))
         os.replace(tmp, dest)
+    except OSError as e:                    # disk full, destination is a folder, ...
+        os.unlink(tmp)
+        raise DatasetError(f'{dest}: cannot write ({e})') from None
     except BaseException:
         os.unlink(tmp)
         raise

@@ -38,6 +38,7 @@ def test_convert_resolution_and_max_images(tmp_path, capsys):
 
 def test_bad_input_exits_1_with_one_line(tmp_path, capsys):
     write_npz(tmp_path / 'a.npz', random_images(3, 12))
+    os.makedirs(tmp_path / 'folder.zip')
     cases = [
         ['info', str(tmp_path / 'missing.zip')],
         ['convert', '--source', str(tmp_path / 'a.npz'), '--dest', str(tmp_path / 'out.zip')],     # 12 not 2^k
@@ -46,12 +47,13 @@ def test_bad_input_exits_1_with_one_line(tmp_path, capsys):
         ['convert', '--source', str(tmp_path / 'a.npz'), '--dest', str(tmp_path / 'out.zip'), '--resolution', '6'],
         ['convert', '--source', str(tmp_path / 'a.npz'), '--dest', str(tmp_path / 'out.zip'), '--resolution', '8',
          '--max-images', '0'],
+        ['convert', '--source', str(tmp_path / 'a.npz'), '--dest', str(tmp_path / 'folder.zip'), '--resolution', '8'],
     ]
     for argv in cases:
         assert main(argv) == 1, argv
         err = capsys.readouterr().err
         assert err.startswith('error: ') and err.count('\n') == 1, err
-    assert sorted(os.listdir(tmp_path)) == ['a.npz']
+    assert sorted(os.listdir(tmp_path)) == ['a.npz', 'folder.zip'] and not os.listdir(tmp_path / 'folder.zip')
 
 
 def test_failed_conversion_leaves_nothing_behind(tmp_path, capsys):
