@@ -100,11 +100,12 @@ class BatchLoader:
 
 
 class NativeLoader(BatchLoader):
-    """Decodes with PIL / numpy in num_workers threads, prefetch batches ahead (num_workers 0: inline)."""
+    """Decodes with PIL / numpy in num_workers threads (0: inline), one batch per thread at a time, keeping
+    max(prefetch, num_workers) batches in flight so every worker stays busy."""
 
     def __init__(self, dataset, *, num_workers=2, prefetch=2, **kwargs):
         super().__init__(dataset, **kwargs)
-        self.prefetch = max(1, int(prefetch))
+        self.prefetch = max(1, int(prefetch), int(num_workers))
         self._pin = self.device.type == 'cuda'
         self._executor = ThreadPoolExecutor(num_workers, thread_name_prefix='d2o-data') if num_workers > 0 else None
         self._pending = collections.deque()          # futures of batches at positions position, position+G, ...

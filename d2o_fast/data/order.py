@@ -9,6 +9,8 @@ processes with batch B see, in the same order. The horizontal-flip coin is seede
 worker count. A position (epoch, offset) is all a loader needs to resume on the exact next batch.
 """
 
+import threading
+
 import numpy as np
 
 PERMUTATION_STREAM, FLIP_STREAM = 0, 1      # independent RNG streams per epoch
@@ -22,23 +24,28 @@ class SampleOrder:
         self.seed = int(seed)
         self.xflip = bool(xflip)
         self._plans = {}        # epoch -> (permutation, flip coin per item); a batch spans <= a few epochs
+        self._lock = threading.Lock()                # loader worker threads share one order
 
     def _rng(self, epoch, stream):
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch, stream])))
 
     def epoch_plan(self, epoch):
         """(permutation of item indices, bool flip coin per item index) of one epoch."""
-        plan = self._plans.get(epoch)
-        if plan is None:
-            perm = self._rng(epoch, PERMUTATION_STREAM).permutation(self.num_items)
-            if self.xflip:
-                coins = self._rng(epoch, FLIP_STREAM).integers(0, 2, size=self.num_items, dtype=np.uint8) == 1
-            else:
-                coins = np.zeros(self.num_items, dtype=bool)
-            if len(self._plans) >= 4:
-                self._plans.pop(min(self._plans))
-            plan = self._plans[epoch] = (perm, coins)
-        return plan
+        with self._lock:
+            plan = self._plans.get(epoch)
+            if plan is None:
+                if len(self._plans) >= 4:
+                    self._plans.pop(min(self._plans))
+                plan = self._plans[epoch] = self._make_plan(epoch)
+            return plan
+
+    def _make_plan(self, epoch):
+        perm = self._rng(epoch, PERMUTATION_STREAM).permutation(self.num_items)
+        if self.xflip:
+            coins = self._rng(epoch, FLIP_STREAM).integers(0, 2, size=self.num_items, dtype=np.uint8) == 1
+        else:
+            coins = np.zeros(self.num_items, dtype=bool)
+        return perm, coins
 
     def take(self, position, count):
         """(item indices int64 [count], flips bool [count]) at stream positions [position, position + count)."""

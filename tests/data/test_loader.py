@@ -1,6 +1,7 @@
 """The native loader: global order, world-size independence, flips, resume, configuration errors."""
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -38,6 +39,17 @@ def test_each_epoch_is_a_seeded_permutation():
     np.testing.assert_array_equal(again, indices[N + 5:])
     other, _ = SampleOrder(N, seed=4, xflip=True).take(0, N)
     assert not np.array_equal(other, epochs[0])
+
+
+def test_order_is_safe_to_share_between_threads():
+    positions = [p * 7 for p in range(60)]                     # 60 batches over ~32 epochs: the cache churns
+    expected = [SampleOrder(N, seed=1, xflip=True).take(p, 7) for p in positions]
+    shared = SampleOrder(N, seed=1, xflip=True)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda p: shared.take(p, 7), positions[::-1]))[::-1]
+    for (i0, f0), (i1, f1) in zip(expected, got):
+        np.testing.assert_array_equal(i0, i1)
+        np.testing.assert_array_equal(f0, f1)
 
 
 def test_batches_hold_the_dataset_images_flipped_by_their_coins(dataset):
