@@ -1,8 +1,9 @@
 """Writing EDM's dataset ZIP format: uncompressed PNGs in 00000/, 00001/, ... plus dataset.json labels.
 
 Member names follow EDM's dataset_tool ('00000/img00000000.png'), so the result is readable
-by EDM's own training code as well as by ImageFileDataset, and byte-for-byte deterministic. The ZIP is written to a temporary
-file next to the destination and renamed into place, so a crash never leaves a partial dataset.
+by EDM's own training code as well as by ImageFileDataset, and byte-for-byte deterministic.
+The ZIP is written to a temporary file next to the destination and renamed into place, so a
+crash never leaves a partial dataset.
 """
 
 import json

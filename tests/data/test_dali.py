@@ -40,7 +40,8 @@ def build(kind, tmp_path, channels=3):
     return open_dataset(tmp_path / 'a.zip')
 
 
-@pytest.mark.parametrize('kind, channels', [('zip', 3), ('zip', 1), ('folder', 3), ('jpeg', 3), ('array', 3), ('array', 1)])
+@pytest.mark.parametrize('kind, channels', [('zip', 3), ('zip', 1), ('folder', 3), ('jpeg', 3), ('array', 3),
+                                            ('array', 1)])
 def test_dali_equals_native(tmp_path, kind, channels):
     dataset = build(kind, tmp_path, channels)
     config = dict(batch_per_device=3, seed=4, xflip=True, rank=1, world_size=2)

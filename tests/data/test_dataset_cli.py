@@ -39,15 +39,16 @@ def test_convert_resolution_and_max_images(tmp_path, capsys):
 def test_bad_input_exits_1_with_one_line(tmp_path, capsys):
     write_npz(tmp_path / 'a.npz', random_images(3, 12))
     os.makedirs(tmp_path / 'folder.zip')
+    src = str(tmp_path / 'a.npz')
     cases = [
         ['info', str(tmp_path / 'missing.zip')],
-        ['convert', '--source', str(tmp_path / 'a.npz'), '--dest', str(tmp_path / 'out.zip')],     # 12 not 2^k
-        ['convert', '--source', str(tmp_path / 'a.npz'), '--dest', str(tmp_path / 'out.tar'), '--resolution', '8'],
-        ['convert', '--source', str(tmp_path / 'a.npz'), '--dest', str(tmp_path / 'no' / 'out.zip'), '--resolution', '8'],
-        ['convert', '--source', str(tmp_path / 'a.npz'), '--dest', str(tmp_path / 'out.zip'), '--resolution', '6'],
-        ['convert', '--source', str(tmp_path / 'a.npz'), '--dest', str(tmp_path / 'out.zip'), '--resolution', '8',
+        ['convert', '--source', src, '--dest', str(tmp_path / 'out.zip')],     # 12 not 2^k
+        ['convert', '--source', src, '--dest', str(tmp_path / 'out.tar'), '--resolution', '8'],
+        ['convert', '--source', src, '--dest', str(tmp_path / 'no' / 'out.zip'), '--resolution', '8'],
+        ['convert', '--source', src, '--dest', str(tmp_path / 'out.zip'), '--resolution', '6'],
+        ['convert', '--source', src, '--dest', str(tmp_path / 'out.zip'), '--resolution', '8',
          '--max-images', '0'],
-        ['convert', '--source', str(tmp_path / 'a.npz'), '--dest', str(tmp_path / 'folder.zip'), '--resolution', '8'],
+        ['convert', '--source', src, '--dest', str(tmp_path / 'folder.zip'), '--resolution', '8'],
     ]
     for argv in cases:
         assert main(argv) == 1, argv

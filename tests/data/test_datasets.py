@@ -123,43 +123,71 @@ def _png(res=8, channels=3, seed=0):
     return png_bytes(random_images(1, res, channels, seed)[0])
 
 
+def _zip(members):
+    return lambda p: write_zip(p / 'z.zip', members)
+
+
+def _file(name, data):
+    def build(p):
+        (p / name).write_bytes(data)
+        return str(p / name)
+    return build
+
+
+def _npy(array):
+    return _file('a.npy', (lambda b: np.save(b, array) or b.getvalue())(io.BytesIO()))
+
+
+def _npz(images, labels=None):
+    return lambda p: write_npz(p / 'a.npz', images, labels)
+
+
 def _bad_inputs():
     """name -> (builder(tmp_path) -> path, expected message fragment, fails at open (else at decode))."""
     good = {'a.png': _png(), 'b.png': _png(seed=1)}
     truncated = _png()[:-30]                      # header intact, image data cut: found only when decoded
     sixteen_bit = bytearray(_png())
     sixteen_bit[24] = 16                          # IHDR bit depth
+
+    def labelled(entries):
+        return _zip({**good, 'dataset.json': {'labels': entries}})
+
+    def mkdir(p):
+        os.makedirs(p / 'e')
+        return str(p / 'e')
+
     return {
         'missing': (lambda p: str(p / 'nope.zip'), 'no such file', True),
-        'unsupported': (lambda p: (p / 'a.txt').write_text('x') and str(p / 'a.txt'), 'unsupported dataset format', True),
-        'corrupt zip': (lambda p: (p / 'c.zip').write_bytes(b'PK not really') and str(p / 'c.zip'), 'not a readable ZIP', True),
-        'empty zip': (lambda p: write_zip(p / 'e.zip', {'dataset.json': {'labels': None}}), 'no PNG or JPEG', True),
-        'empty folder': (lambda p: os.makedirs(p / 'e') or str(p / 'e'), 'no PNG or JPEG', True),
-        'bad png signature': (lambda p: write_zip(p / 'z.zip', {**good, 'c.png': b'GIF89a' + bytes(40)}), 'not a valid PNG', True),
-        'bad jpeg': (lambda p: write_zip(p / 'z.zip', {**good, 'c.jpg': b'\xff\xd8 garbage'}), 'not a readable image', True),
-        'truncated png': (lambda p: write_zip(p / 'z.zip', {**good, 'c.png': truncated}), 'cannot decode', False),
-        '16-bit png': (lambda p: write_zip(p / 'z.zip', {'a.png': bytes(sixteen_bit)}), '16-bit', True),
-        'non-square': (lambda p: write_npz(p / 'a.npz', random_images(2, 8)[:, :, :, :4]), 'square', True),
-        'non-power-of-two': (lambda p: write_zip(p / 'z.zip', {'a.png': _png(12)}), 'power of two', True),
-        'too small': (lambda p: write_zip(p / 'z.zip', {'a.png': _png(2)}), 'power of two', True),
-        'mixed sizes': (lambda p: write_zip(p / 'z.zip', {'a.png': _png(8), 'b.png': _png(16)}), 'mixed image sizes', True),
-        'labels missing': (lambda p: write_zip(p / 'z.zip', {**good, 'dataset.json': {'labels': [['a.png', 1]]}}), '1 of 2 images have no label', True),
-        'labels unknown file': (lambda p: write_zip(p / 'z.zip', {**good, 'dataset.json': {'labels': [['a.png', 1], ['b.png', 0], ['x.png', 2]]}}), 'not images of the dataset', True),
-        'label duplicated': (lambda p: write_zip(p / 'z.zip', {**good, 'dataset.json': {'labels': [['a.png', 1], ['a.png', 0]]}}), 'labelled twice', True),
-        'label negative': (lambda p: write_zip(p / 'z.zip', {**good, 'dataset.json': {'labels': [['a.png', -1], ['b.png', 0]]}}), 'class index', True),
-        'label float': (lambda p: write_zip(p / 'z.zip', {**good, 'dataset.json': {'labels': [['a.png', 1.5], ['b.png', 0]]}}), 'class index', True),
-        'label entry shape': (lambda p: write_zip(p / 'z.zip', {**good, 'dataset.json': {'labels': [['a.png'], ['b.png', 0]]}}), 'bad entry', True),
-        'labels not list': (lambda p: write_zip(p / 'z.zip', {**good, 'dataset.json': {'labels': 'abc'}}), 'must be a list', True),
-        'json invalid': (lambda p: write_zip(p / 'z.zip', {**good, 'dataset.json': b'{not json'}), 'not valid JSON', True),
-        'json not object': (lambda p: write_zip(p / 'z.zip', {**good, 'dataset.json': [1, 2]}), 'must hold an object', True),
-        'float array': (lambda p: np.save(p / 'a.npy', np.ones((2, 8, 8, 3), np.float32)) or str(p / 'a.npy'), 'must be uint8', True),
-        'no channel axis': (lambda p: np.save(p / 'a.npy', random_images(2, 8, 2).transpose(0, 2, 3, 1)) or str(p / 'a.npy'), 'channel axis', True),
-        'empty array': (lambda p: np.save(p / 'a.npy', np.zeros((0, 8, 8, 3), np.uint8)) or str(p / 'a.npy'), 'non-empty', True),
-        'corrupt npy': (lambda p: (p / 'a.npy').write_bytes(b'\x93NUMPY garbage') and str(p / 'a.npy'), 'not a readable npy', True),
-        'npz no images': (lambda p: np.savez(p / 'a.npz', pixels=random_images(2)) or str(p / 'a.npz'), 'no image array', True),
-        'npz labels short': (lambda p: write_npz(p / 'a.npz', random_images(3), np.array([0, 1])), '2 labels for 3 images', True),
-        'npz labels float': (lambda p: write_npz(p / 'a.npz', random_images(2), np.array([0.0, 1.0])), 'must be integers', True),
-        'npz labels negative': (lambda p: write_npz(p / 'a.npz', random_images(2), np.array([0, -3])), '>= 0', True),
+        'unsupported': (_file('a.txt', b'x'), 'unsupported dataset format', True),
+        'corrupt zip': (_file('c.zip', b'PK not really'), 'not a readable ZIP', True),
+        'empty zip': (_zip({'dataset.json': {'labels': None}}), 'no PNG or JPEG', True),
+        'empty folder': (mkdir, 'no PNG or JPEG', True),
+        'bad png signature': (_zip({**good, 'c.png': b'GIF89a' + bytes(40)}), 'not a valid PNG', True),
+        'bad jpeg': (_zip({**good, 'c.jpg': b'\xff\xd8 garbage'}), 'not a readable image', True),
+        'truncated png': (_zip({**good, 'c.png': truncated}), 'cannot decode', False),
+        '16-bit png': (_zip({'a.png': bytes(sixteen_bit)}), '16-bit', True),
+        'non-square': (_npz(random_images(2, 8)[:, :, :, :4]), 'square', True),
+        'non-power-of-two': (_zip({'a.png': _png(12)}), 'power of two', True),
+        'too small': (_zip({'a.png': _png(2)}), 'power of two', True),
+        'mixed sizes': (_zip({'a.png': _png(8), 'b.png': _png(16)}), 'mixed image sizes', True),
+        'labels missing': (labelled([['a.png', 1]]), '1 of 2 images have no label', True),
+        'labels unknown file': (labelled([['a.png', 1], ['b.png', 0], ['x.png', 2]]), 'not images of the', True),
+        'label duplicated': (labelled([['a.png', 1], ['a.png', 0]]), 'labelled twice', True),
+        'label negative': (labelled([['a.png', -1], ['b.png', 0]]), 'class index', True),
+        'label float': (labelled([['a.png', 1.5], ['b.png', 0]]), 'class index', True),
+        'label entry shape': (labelled([['a.png'], ['b.png', 0]]), 'bad entry', True),
+        'labels not list': (labelled('abc'), 'must be a list', True),
+        'json invalid': (_zip({**good, 'dataset.json': b'{not json'}), 'not valid JSON', True),
+        'json not object': (_zip({**good, 'dataset.json': [1, 2]}), 'must hold an object', True),
+        'float array': (_npy(np.ones((2, 8, 8, 3), np.float32)), 'must be uint8', True),
+        'no channel axis': (_npy(random_images(2, 8, 2).transpose(0, 2, 3, 1)), 'channel axis', True),
+        'empty array': (_npy(np.zeros((0, 8, 8, 3), np.uint8)), 'non-empty', True),
+        'corrupt npy': (_file('a.npy', b'\x93NUMPY garbage'), 'not a readable npy', True),
+        'npz no images': (lambda p: np.savez(p / 'a.npz', pixels=random_images(2)) or str(p / 'a.npz'),
+                          'no image array', True),
+        'npz labels short': (_npz(random_images(3), np.array([0, 1])), '2 labels for 3 images', True),
+        'npz labels float': (_npz(random_images(2), np.array([0.0, 1.0])), 'must be integers', True),
+        'npz labels negative': (_npz(random_images(2), np.array([0, -3])), '>= 0', True),
     }
 
 
