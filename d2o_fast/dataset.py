@@ -28,6 +28,8 @@ def info(args):
     if args.verify:
         dataset.verify()
     for key, value in dataset.describe().items():
+        if key == 'class_counts' and len(value) > 20:       # e.g. ImageNet: summarise 1000 counts
+            value = f'{len(value)} classes, {min(value)}..{max(value)} images per class'
         print(f'{key:12s} {value}')
     if args.verify:
         print(f'{"verified":12s} all {len(dataset)} images decode')
