@@ -139,9 +139,11 @@ class RandomProjection(nn.Module):
 class FeatureNetwork(nn.Module):
     """One frozen backbone with its input normalisation and fixed random projection."""
 
-    def __init__(self, name, pretrained=True, weights_dir=None, fold_bn=True, width=64, expand=True, projection_seed=0):
+    def __init__(self, name, pretrained=True, weights_dir=None, fold_bn=True, width=64, expand=True, projection_seed=0,
+                 input_size=BACKBONE_INPUT_SIZE):
         super().__init__()
         self.name = name
+        self.input_size = input_size
         self.backbone = build_backbone(name, pretrained=pretrained, weights_dir=weights_dir, fold_bn=fold_bn)
         scale, shift = input_affine(self.backbone.mean, self.backbone.std)
         self.register_buffer('input_scale', scale, persistent=False)
@@ -149,6 +151,8 @@ class FeatureNetwork(nn.Module):
         generator = projection_generator(projection_seed, name)
         channels = self.backbone.channels
         if name.startswith('deit'):
+            if input_size != BACKBONE_INPUT_SIZE:
+                raise DiscriminatorConfigError(f'{name} needs input_size {BACKBONE_INPUT_SIZE}, got {input_size}')
             self.readout = ViTReadout(channels[0], generator=generator)
             channels = (96, 192, 384, 768)
         else:
@@ -159,9 +163,9 @@ class FeatureNetwork(nn.Module):
 
     def forward(self, img, channels_last=False, reference=False):
         if reference:
-            x = prepare_backbone_input_reference(img, self.backbone.mean, self.backbone.std)
+            x = prepare_backbone_input_reference(img, self.backbone.mean, self.backbone.std, self.input_size)
         else:
-            x = prepare_backbone_input(img, self.input_scale, self.input_shift)
+            x = prepare_backbone_input(img, self.input_scale, self.input_shift, self.input_size)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         feats = self.backbone(x)
@@ -231,9 +235,12 @@ class ScaleHead(nn.Module):
 # The discriminator.
 
 class ProjectedDiscriminator(nn.Module):
+    """The paper's discriminator. `input_size` is the backbone input resolution: 224 as in the paper
+    (DeiT needs it); the convolutional backbones also run at a smaller size (tests, experiments)."""
+
     def __init__(self, backbones=('vgg16_bn', 'tf_efficientnet_lite0'), c_dim=0, pretrained=True, weights_dir=None,
                  projection_width=64, expand=True, projection_seed=0, head_start_sizes=HEAD_START_SIZES,
-                 cmap_dim=64, embed_dim=320, fold_bn=True, channels_last=False):
+                 cmap_dim=64, embed_dim=320, fold_bn=True, channels_last=False, input_size=BACKBONE_INPUT_SIZE):
         super().__init__()
         if isinstance(backbones, str):
             backbones = tuple(b for b in backbones.split(',') if b)
@@ -244,15 +251,18 @@ class ProjectedDiscriminator(nn.Module):
             raise DiscriminatorConfigError(f'backbones must not repeat, got {list(backbones)}')
         if len(head_start_sizes) != 4 or any(s not in HEAD_CHANNELS or s < HEAD_END_SIZE for s in head_start_sizes):
             raise DiscriminatorConfigError(f'head_start_sizes must be 4 powers of two in [8, 256], got {head_start_sizes}')
+        if input_size < 128:
+            raise DiscriminatorConfigError(f'input_size must be >= 128 (the coarsest head needs an 8x8 map), got {input_size}')
         if c_dim < 0:
             raise DiscriminatorConfigError(f'c_dim must be >= 0, got {c_dim}')
         self.init_kwargs = dict(backbones=tuple(backbones), c_dim=c_dim, projection_width=projection_width, expand=expand,
                                 projection_seed=projection_seed, head_start_sizes=tuple(head_start_sizes),
-                                cmap_dim=cmap_dim, embed_dim=embed_dim, fold_bn=fold_bn, channels_last=channels_last)
+                                cmap_dim=cmap_dim, embed_dim=embed_dim, fold_bn=fold_bn, channels_last=channels_last,
+                                input_size=input_size)
         self.c_dim = c_dim
         self.channels_last = channels_last
         self.feature_networks = nn.ModuleDict({
-            name: FeatureNetwork(name, pretrained, weights_dir, fold_bn, projection_width, expand, projection_seed)
+            name: FeatureNetwork(name, pretrained, weights_dir, fold_bn, projection_width, expand, projection_seed, input_size)
             for name in backbones})
         self.heads = nn.ModuleDict({
             name: nn.ModuleList([ScaleHead(cin, size, c_dim=c_dim, cmap_dim=cmap_dim, embed_dim=embed_dim)

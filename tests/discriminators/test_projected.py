@@ -1,0 +1,201 @@
+"""Projected discriminator: shapes, frozen backbones, gradients to the input, fixed projections, conditioning."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from d2o_fast.discriminators import DiscriminatorConfigError, ProjectedDiscriminator, build_discriminator
+from d2o_fast.discriminators.projected import (input_affine, prepare_backbone_input,
+                                               prepare_backbone_input_reference)
+
+EFFNET = ('tf_efficientnet_lite0',)  # the cheap backbone; VGG/DeiT at 224 are in the slow tests
+SMALL = dict(pretrained=False, input_size=128)  # backbone input 128 instead of 224: 3x cheaper, 1x1 logit maps
+
+
+def images(batch=2, size=32, seed=0):
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def one_hot(labels, c_dim):
+    return F.one_hot(torch.tensor(labels), c_dim).float()
+
+
+@pytest.fixture(scope='module')
+def disc():
+    torch.manual_seed(0)
+    return ProjectedDiscriminator(EFFNET, **SMALL)
+
+
+def test_logit_shape_and_gradient_to_input():
+    torch.manual_seed(0)
+    d = ProjectedDiscriminator(EFFNET, pretrained=False)
+    x = images().requires_grad_(True)
+    logits = d(x)
+    assert logits.shape == (2, 4 * 16)  # at 224: 4 heads, 4x4 logit maps each
+    logits.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in d.feature_networks.parameters())
+    assert all(p.grad is not None for p in d.trainable_parameters())
+
+
+def test_only_heads_are_trainable(disc):
+    disc.requires_grad_(True)
+    trainable = {id(p) for p in disc.trainable_parameters()}
+    assert trainable == {id(p) for p in disc.heads.parameters()}
+    assert {id(p) for p in disc.parameters() if p.requires_grad} == trainable
+    assert not any(p.requires_grad for p in disc.feature_networks.parameters())
+    disc.requires_grad_(False)
+    assert not any(p.requires_grad for p in disc.parameters())
+    disc.requires_grad_(True)
+
+
+def test_backbones_stay_in_eval_mode_and_bn_stats_frozen():
+    torch.manual_seed(0)
+    d = ProjectedDiscriminator(EFFNET, **SMALL, fold_bn=False).train()
+    assert d.heads.training and not d.feature_networks.training
+    assert not any(m.training for m in d.feature_networks.modules())
+    backbone_bn = [m for m in d.feature_networks.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    head_bn = [m for m in d.heads.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in backbone_bn]
+    head_before = [m.running_mean.clone() for m in head_bn]
+    d(images())
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, backbone_bn))
+    assert any(not torch.equal(a, m.running_mean) for a, m in zip(head_before, head_bn))  # heads do train
+    d.eval()
+    assert not any(m.training for m in d.modules())
+    d.train()
+    assert not any(m.training for m in d.feature_networks.modules())
+
+
+def test_optimizer_step_changes_heads_only(disc):
+    opt = torch.optim.Adam(disc.trainable_parameters(), lr=1e-2)
+    frozen = {k: v.clone() for k, v in disc.feature_networks.state_dict().items()}
+    heads = {k: v.clone() for k, v in disc.heads.state_dict().items()}
+    F.softplus(-disc(images())).mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    assert all(torch.equal(v, disc.feature_networks.state_dict()[k]) for k, v in frozen.items())
+    assert any(not torch.equal(v, disc.heads.state_dict()[k]) for k, v in heads.items())
+
+
+def test_fused_input_preparation_matches_reference():
+    for mean, std in [((0.5,) * 3, (0.5,) * 3), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]:
+        scale, shift = input_affine(mean, std)
+        for size in (32, 64, 224):
+            x = images(size=size)
+            out = prepare_backbone_input(x, scale, shift)
+            assert out.shape == (2, 3, 224, 224)
+            torch.testing.assert_close(out, prepare_backbone_input_reference(x, mean, std), rtol=1e-5, atol=1e-5)
+
+
+def test_fast_cross_scale_mixing_matches_reference(disc):
+    disc.eval()
+    with torch.no_grad():
+        fnet = disc.feature_networks[EFFNET[0]]
+        fast, ref = fnet(images()), fnet(images(), reference=True)
+        for a, b in zip(fast, ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+        torch.testing.assert_close(disc(images()), disc(images(), reference=True), rtol=1e-4, atol=1e-6)
+    disc.train()
+
+
+def test_projections_are_deterministic_buffers_and_resume_exactly():
+    torch.manual_seed(1)
+    a = ProjectedDiscriminator(EFFNET, **SMALL, projection_seed=7)
+    torch.manual_seed(2)
+    b = ProjectedDiscriminator(EFFNET, **SMALL, projection_seed=7)
+    c = ProjectedDiscriminator(EFFNET, **SMALL, projection_seed=8)
+    pa, pb, pc = (dict(m.feature_networks[EFFNET[0]].projection.named_buffers()) for m in (a, b, c))
+    assert pa.keys() == pb.keys() and len(pa) == 16  # 4 CCM + 4 CSM convs, weight + bias
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert all(not torch.equal(pa[k], pc[k]) for k in pa)
+    assert all(f'feature_networks.{EFFNET[0]}.projection.{k}' in a.state_dict() for k in pa)
+    # Resume: a differently seeded discriminator loaded from a's state dict computes exactly what a computes.
+    c.load_state_dict(a.state_dict())
+    a.eval(), c.eval()
+    with torch.no_grad():
+        assert torch.equal(a(images()), c(images()))
+
+
+def test_projection_seed_is_per_backbone():
+    # Adding a backbone must not change another backbone's projections.
+    d1 = ProjectedDiscriminator(EFFNET, **SMALL, projection_seed=3)
+    d2 = ProjectedDiscriminator(('vgg16_bn',) + EFFNET, **SMALL, projection_seed=3)
+    b1 = dict(d1.feature_networks[EFFNET[0]].projection.named_buffers())
+    b2 = dict(d2.feature_networks[EFFNET[0]].projection.named_buffers())
+    assert all(torch.equal(b1[k], b2[k]) for k in b1)
+
+
+def test_conditional_projection():
+    torch.manual_seed(0)
+    d = ProjectedDiscriminator(EFFNET, c_dim=5, **SMALL).eval()
+    x = images()
+    with torch.no_grad():
+        l1 = d(x, one_hot([0, 1], 5))
+        l2 = d(x, one_hot([3, 1], 5))
+    assert l1.shape == (2, 4)
+    assert not torch.allclose(l1[0], l2[0]) and torch.allclose(l1[1], l2[1])
+    assert len(d.heads[EFFNET[0]][0].class_embedding.embed) == 5
+    with pytest.raises(DiscriminatorConfigError, match='labels'):
+        d(x)
+    with pytest.raises(DiscriminatorConfigError, match='labels'):
+        d(x, one_hot([0, 1], 4))
+
+
+def test_unconditional_rejects_labels_but_accepts_empty(disc):
+    with pytest.raises(DiscriminatorConfigError, match='c_dim=0'):
+        disc(images(), one_hot([0, 1], 3))
+    assert disc(images(), torch.zeros(2, 0)).shape == (2, 4)
+
+
+def test_bad_configuration_errors():
+    with pytest.raises(DiscriminatorConfigError, match='backbones'):
+        ProjectedDiscriminator(('resnet50',), pretrained=False)
+    with pytest.raises(DiscriminatorConfigError, match='RGB'):
+        build_discriminator('projected', 32, 1, 0, pretrained=False)
+    with pytest.raises(DiscriminatorConfigError, match='unknown discriminator kind'):
+        build_discriminator('patchgan', 32, 3, 0)
+    with pytest.raises(DiscriminatorConfigError, match='input_size'):
+        ProjectedDiscriminator(('deit_base_distilled_patch16_224',), **SMALL)
+    with pytest.raises(DiscriminatorConfigError, match=r'\[B, 3, H, W\]'):
+        ProjectedDiscriminator(EFFNET, **SMALL)(torch.zeros(2, 1, 32, 32))
+
+
+def test_channels_last_bf16_autocast_close_to_fp32(disc):
+    torch.manual_seed(0)
+    cl = ProjectedDiscriminator(EFFNET, **SMALL, channels_last=True)
+    cl.load_state_dict(disc.state_dict())
+    disc.eval(), cl.eval()
+    x = images()
+    with torch.no_grad():
+        ref = disc(x)
+        torch.testing.assert_close(cl(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = cl(x)
+    assert (low.float() - ref).norm() <= 0.1 * ref.norm()
+    disc.train()
+
+#----------------------------------------------------------------------------
+# Full-size configurations of the paper (slow on 2 CPU cores).
+
+@pytest.mark.slow
+def test_paper_cifar_discriminator():
+    d = build_discriminator('projected', 32, 3, 10, pretrained=False)
+    assert tuple(d.feature_networks) == ('vgg16_bn', 'tf_efficientnet_lite0')
+    x = images(batch=1).requires_grad_(True)
+    logits = d(x, one_hot([4], 10))
+    assert logits.shape == (1, 4 * 121 + 4 * 16)  # VGG's maps are 2x larger: 11x11 logits per head
+    logits.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_paper_64x64_discriminator():
+    d = build_discriminator('projected', 64, 3, 0, pretrained=False)
+    assert tuple(d.feature_networks) == ('deit_base_distilled_patch16_224', 'tf_efficientnet_lite0')
+    x = images(batch=1, size=64).requires_grad_(True)
+    logits = d(x)
+    assert logits.shape == (1, 2 * 4 * 16)
+    logits.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in d.feature_networks.parameters())
