@@ -1,0 +1,22 @@
+// Python module of the d2o_fast native extension. The ops themselves are registered with
+// the dispatcher as torch.ops.d2o_fast_native.group_norm_act_{forward,backward} (CPU in
+// group_norm_act_cpu.cpp, CUDA in group_norm_act_cuda_op.cpp); this module only reports
+// how the extension was built and lets tests pin the CPU capability.
+
+#include <torch/extension.h>
+
+#include "group_norm_act_cpu.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "d2o_fast native kernels (fused GroupNorm + modulation + SiLU)";
+#if defined(D2O_FAST_WITH_CUDA)
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  m.def("supported_cpu_capabilities", &d2o_fast::cpu::supported_capabilities,
+        "CPU capabilities compiled in and supported by this CPU, best first");
+  m.def("active_cpu_capability", &d2o_fast::cpu::active_capability, "CPU capability the op uses now");
+  m.def("force_cpu_capability", &d2o_fast::cpu::force_capability, py::arg("name"),
+        "Pin the CPU capability (tests); '' restores the automatic choice");
+}

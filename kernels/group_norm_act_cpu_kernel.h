@@ -1,0 +1,550 @@
+// Vectorised CPU kernels of y = act(GN(x + add) * (1 + scale) + shift).
+//
+// This header is the body of group_norm_act_cpu_{default,avx2,avx512}.cpp: each of them
+// defines CPU_CAPABILITY (DEFAULT / AVX2 / AVX512) plus the matching CPU_CAPABILITY_* macro
+// and includes it once. at::vec and the code below live in CPU_CAPABILITY namespaces, so
+// the three builds never share a kernel symbol.
+//
+// Algorithm (same for both layouts, all statistics in float32, group combines in double):
+//   forward : 1) per-(sample, channel, chunk) mean and M2 of x (two-pass inside a chunk,
+//                 which is cache resident);  2) per group: Chan-combine -> mean, rstd and the
+//                 per-(sample, channel) affine coefficients A, B with z = x * A + B;
+//             3) y = act(x * A + B): one FMA (+ SiLU) per element.
+//   backward: 1) per-(sample, channel, chunk) sums P = sum dz, Q = sum dz * hc, H = sum hc
+//                 with hc = x + add - mean (centred, so no cancellation);
+//             2) per group: the GroupNorm input-gradient coefficients E, F, G with
+//                 dx = dz * E + x * F + G, and the [N, C] parameter gradients;
+//             3) dx, recomputing dz from x and dy (cheaper than storing it).
+
+#if !defined(CPU_CAPABILITY)
+#error "define CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) before including this header"
+#endif
+
+// Wide-ISA code generation for this whole translation unit, as ATen builds its own AVX2 /
+// AVX512 kernels. The ISA feature macros are what sleef.h and at::vec test to pick their
+// paths. Inline torch/c10 functions emitted here are duplicates of ones the baseline
+// translation units also emit; those are linked first (see setup.py), so the linker keeps
+// their baseline copies and code outside this file never runs a wide-ISA instruction.
+#if defined(CPU_CAPABILITY_AVX512)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#endif
+#ifndef __AVX512F__
+#define __AVX512F__ 1
+#endif
+#ifndef __AVX512BW__
+#define __AVX512BW__ 1
+#endif
+#ifndef __AVX512VL__
+#define __AVX512VL__ 1
+#endif
+#ifndef __AVX512DQ__
+#define __AVX512DQ__ 1
+#endif
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#endif
+#endif
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#endif
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/NumericUtils.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/Math.h>
+#include <ATen/native/cpu/zmath.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16-math.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "group_norm_act_cpu.h"
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+namespace d2o_fast::cpu {
+namespace CPU_CAPABILITY {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+// Elements per work item of the channels_last kernels: a chunk of rows stays in L2.
+constexpr int64_t kChunkElements = 16384;
+// Minimum elements per parallel task (at::parallel_for grain).
+constexpr int64_t kGrainElements = 32768;
+
+//----------------------------------------------------------------------------
+// Loads/stores in float whatever the storage type; partial vectors are zero-padded.
+
+template <typename T>
+inline Vec load(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return n == kW ? Vec::loadu(p) : Vec::loadu(p, n);
+  } else {
+    if (n == kW) {
+      Vec v;
+      at::vec::load_to_float(p, v);
+      return v;
+    }
+    float buf[kW] = {};
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i]);
+    return Vec::loadu(buf);
+  }
+}
+
+template <typename T>
+inline void store(T* p, const Vec& v, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n == kW) v.store(p); else v.store(p, n);
+  } else {
+    if (n == kW) {
+      at::vec::convert_from_float<T>(v, v).store(p, kW);
+      return;
+    }
+    float buf[kW];
+    v.store(buf);
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(buf[i]);
+  }
+}
+
+// Zero the lanes >= n of a partial vector (padding lanes must not enter reductions).
+inline Vec keep(const Vec& v, int64_t n) { return n == kW ? v : Vec::set(Vec(0.f), v, n); }
+
+inline float hsum(const Vec& v) {
+  float buf[kW];
+  v.store(buf);
+  float s = 0.f;
+  for (int64_t i = 0; i < kW; ++i) s += buf[i];
+  return s;
+}
+
+// f(offset, count) over [0, n) in vector steps; the tail gets count < kW.
+template <typename F>
+inline void for_each_vec(int64_t n, F&& f) {
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) f(i, kW);
+  if (i < n) f(i, n - i);
+}
+
+inline Vec sigmoid(const Vec& z) {
+  const Vec one(1.f);
+  return one / (one + z.neg().exp_u20());
+}
+
+template <bool kSilu>
+inline Vec activate(const Vec& z) {
+  if constexpr (kSilu) return z * sigmoid(z); else return z;
+}
+
+// dL/dz from dL/dy, with z = x * a + b recomputed.
+template <bool kSilu>
+inline Vec grad_pre_activation(const Vec& x, const Vec& dy, const Vec& a, const Vec& b) {
+  if constexpr (kSilu) {
+    const Vec one(1.f);
+    const Vec z = at::vec::fmadd(x, a, b);
+    const Vec s = sigmoid(z);
+    return dy * s * at::vec::fmadd(z, one - s, one);
+  } else {
+    return dy;
+  }
+}
+
+//----------------------------------------------------------------------------
+// Work decomposition shared by forward and backward.
+//
+// NCHW: a "chunk" is one whole (n, c) row of HW contiguous elements.
+// NHWC: a "chunk" is `rows` consecutive spatial positions of one sample, all channels.
+
+struct Chunking {
+  int64_t rows;     // spatial positions per chunk
+  int64_t chunks;   // chunks per sample (NHWC) or 1 (NCHW: the row is the chunk)
+  int64_t count(int64_t k, int64_t HW) const { return std::min(rows, HW - k * rows); }
+};
+
+inline Chunking make_chunking(const Problem& p) {
+  if (!p.channels_last) return {p.HW, 1};
+  const int64_t rows = std::clamp<int64_t>(kChunkElements / std::max<int64_t>(p.C, 1), 1, p.HW);
+  return {rows, (p.HW + rows - 1) / rows};
+}
+
+inline int64_t grain(int64_t elements_per_task) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(elements_per_task, 1));
+}
+
+inline float param_or(const float* t, int64_t i, float otherwise) { return t ? t[i] : otherwise; }
+
+// z = x * A + B for channel c of sample n, given its group's mean and rstd.
+inline void pre_activation_coefs(const Params& pr, int64_t n, int64_t c, int64_t C, float mean, float rstd,
+                                 float& A, float& B) {
+  const int64_t nc = n * C + c;
+  const float a = param_or(pr.add, nc, 0.f);
+  const float s1 = 1.f + param_or(pr.scale, nc, 0.f);
+  const float t = param_or(pr.shift, nc, 0.f);
+  A = rstd * pr.weight[c] * s1;
+  B = (a - mean) * A + pr.bias[c] * s1 + t;
+}
+
+//----------------------------------------------------------------------------
+// Forward.
+
+// Phase 1, NCHW: mean and M2 of one contiguous row, two-pass (the row is L1/L2 resident).
+template <typename T>
+inline void row_moments(const T* x, int64_t n, float& mean, float& m2) {
+  Vec s(0.f);
+  for_each_vec(n, [&](int64_t i, int64_t m) { s += load(x + i, m); });
+  mean = hsum(s) / static_cast<float>(n);
+  const Vec mv(mean);
+  Vec q(0.f);
+  for_each_vec(n, [&](int64_t i, int64_t m) {
+    const Vec d = keep(load(x + i, m) - mv, m);
+    q = at::vec::fmadd(d, d, q);
+  });
+  m2 = hsum(q);
+}
+
+// Phase 1, NHWC: per-channel mean and M2 over `rows` rows of C channels, two-pass.
+template <typename T>
+inline void chunk_moments(const T* x, int64_t rows, int64_t C, float* mean, float* m2) {
+  std::fill(mean, mean + C, 0.f);
+  std::fill(m2, m2 + C, 0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = x + r * C;
+    for_each_vec(C, [&](int64_t c, int64_t m) { store(mean + c, load(mean + c, m) + load(row + c, m), m); });
+  }
+  const Vec inv(1.f / static_cast<float>(rows));
+  for_each_vec(C, [&](int64_t c, int64_t m) { store(mean + c, load(mean + c, m) * inv, m); });
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = x + r * C;
+    for_each_vec(C, [&](int64_t c, int64_t m) {
+      const Vec d = load(row + c, m) - load(mean + c, m);
+      store(m2 + c, at::vec::fmadd(d, d, load(m2 + c, m)), m);
+    });
+  }
+}
+
+// Phase 2: Chan-combine the chunk moments of each group -> mean, rstd, and A, B per (n, c).
+inline void group_statistics(const ForwardArgs& args, const Chunking& ch, const float* cmean, const float* cm2,
+                             float* A, float* B) {
+  const Problem& p = args.p;
+  const int64_t Cg = p.C / p.G;
+  at::parallel_for(0, p.N * p.G, grain(Cg * ch.chunks * 8), [&](int64_t begin, int64_t end) {
+    std::vector<double> channel_mean(Cg), channel_m2(Cg);
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / p.G, g = ng % p.G;
+      for (int64_t i = 0; i < Cg; ++i) {
+        const int64_t c = g * Cg + i;
+        // Chunks of one channel: counts differ only for the last chunk.
+        double sum = 0.0;
+        for (int64_t k = 0; k < ch.chunks; ++k) {
+          sum += static_cast<double>(ch.count(k, p.HW)) * cmean[(n * ch.chunks + k) * p.C + c];
+        }
+        const double mu = sum / static_cast<double>(p.HW);
+        double m2 = 0.0;
+        for (int64_t k = 0; k < ch.chunks; ++k) {
+          const int64_t idx = (n * ch.chunks + k) * p.C + c;
+          const double d = cmean[idx] - mu;
+          m2 += cm2[idx] + static_cast<double>(ch.count(k, p.HW)) * d * d;
+        }
+        channel_mean[i] = mu + param_or(args.params.add, n * p.C + c, 0.f);
+        channel_m2[i] = m2;
+      }
+      double mu = 0.0;
+      for (int64_t i = 0; i < Cg; ++i) mu += channel_mean[i];
+      mu /= static_cast<double>(Cg);
+      double m2 = 0.0;
+      for (int64_t i = 0; i < Cg; ++i) {
+        const double d = channel_mean[i] - mu;
+        m2 += channel_m2[i] + static_cast<double>(p.HW) * d * d;
+      }
+      const double var = m2 / static_cast<double>(Cg * p.HW);
+      const float mean = static_cast<float>(mu);
+      const float rstd = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(args.eps)));
+      args.mean[ng] = mean;
+      args.rstd[ng] = rstd;
+      for (int64_t i = 0; i < Cg; ++i) {
+        const int64_t c = g * Cg + i;
+        pre_activation_coefs(args.params, n, c, p.C, mean, rstd, A[n * p.C + c], B[n * p.C + c]);
+      }
+    }
+  });
+}
+
+template <typename T, bool kSilu>
+void forward_impl(const ForwardArgs& args) {
+  const Problem& p = args.p;
+  const T* x = static_cast<const T*>(args.x);
+  T* y = static_cast<T*>(args.y);
+  const Chunking ch = make_chunking(p);
+  std::vector<float> cmean(p.N * ch.chunks * p.C), cm2(p.N * ch.chunks * p.C);
+  std::vector<float> A(p.N * p.C), B(p.N * p.C);
+
+  if (!p.channels_last) {
+    at::parallel_for(0, p.N * p.C, grain(p.HW), [&](int64_t begin, int64_t end) {
+      for (int64_t nc = begin; nc < end; ++nc) row_moments(x + nc * p.HW, p.HW, cmean[nc], cm2[nc]);
+    });
+  } else {
+    at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / ch.chunks, k = t % ch.chunks;
+        chunk_moments(x + (n * p.HW + k * ch.rows) * p.C, ch.count(k, p.HW), p.C, &cmean[t * p.C], &cm2[t * p.C]);
+      }
+    });
+  }
+
+  group_statistics(args, ch, cmean.data(), cm2.data(), A.data(), B.data());
+
+  if (!p.channels_last) {
+    at::parallel_for(0, p.N * p.C, grain(p.HW), [&](int64_t begin, int64_t end) {
+      for (int64_t nc = begin; nc < end; ++nc) {
+        const Vec a(A[nc]), b(B[nc]);
+        const T* xr = x + nc * p.HW;
+        T* yr = y + nc * p.HW;
+        for_each_vec(p.HW, [&](int64_t i, int64_t m) {
+          store(yr + i, activate<kSilu>(at::vec::fmadd(load(xr + i, m), a, b)), m);
+        });
+      }
+    });
+  } else {
+    at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / ch.chunks, k = t % ch.chunks;
+        const float* An = &A[n * p.C];
+        const float* Bn = &B[n * p.C];
+        const int64_t offset = (n * p.HW + k * ch.rows) * p.C;
+        for (int64_t r = 0; r < ch.count(k, p.HW); ++r) {
+          const T* xr = x + offset + r * p.C;
+          T* yr = y + offset + r * p.C;
+          for_each_vec(p.C, [&](int64_t c, int64_t m) {
+            store(yr + c, activate<kSilu>(at::vec::fmadd(load(xr + c, m), load(An + c, m), load(Bn + c, m))), m);
+          });
+        }
+      }
+    });
+  }
+}
+
+//----------------------------------------------------------------------------
+// Backward.
+
+// Per-(n, c) coefficients needed to recompute z and centre x: z = x * A + B, hc = x + D.
+struct BackwardCoefs {
+  std::vector<float> A, B, D;
+};
+
+inline BackwardCoefs backward_coefs(const BackwardArgs& args) {
+  const Problem& p = args.p;
+  const int64_t Cg = p.C / p.G;
+  BackwardCoefs k{std::vector<float>(p.N * p.C), std::vector<float>(p.N * p.C), std::vector<float>(p.N * p.C)};
+  for (int64_t n = 0; n < p.N; ++n) {
+    for (int64_t c = 0; c < p.C; ++c) {
+      const int64_t nc = n * p.C + c, ng = n * p.G + c / Cg;
+      pre_activation_coefs(args.params, n, c, p.C, args.mean[ng], args.rstd[ng], k.A[nc], k.B[nc]);
+      k.D[nc] = param_or(args.params.add, nc, 0.f) - args.mean[ng];
+    }
+  }
+  return k;
+}
+
+// Phase 1 accumulation of one vector: P += dz, Q += dz * hc, H += hc.
+template <bool kSilu>
+inline void accumulate_grad_sums(const Vec& x, const Vec& dy, const Vec& a, const Vec& b, const Vec& d, int64_t m,
+                                 Vec& P, Vec& Q, Vec& H) {
+  const Vec dz = grad_pre_activation<kSilu>(x, dy, a, b);  // zero in padding lanes (dy = 0 there)
+  const Vec hc = keep(x + d, m);
+  P += dz;
+  Q = at::vec::fmadd(dz, hc, Q);
+  H += hc;
+}
+
+// Phase 2: per group -> dx coefficients E, F, G per (n, c) and the [N, C] parameter gradients.
+inline void grad_coefficients(const BackwardArgs& args, const Chunking& ch, const BackwardCoefs& k,
+                              const float* P, const float* Q, const float* H, float* E, float* F, float* G) {
+  const Problem& p = args.p;
+  const Params& pr = args.params;
+  const int64_t Cg = p.C / p.G;
+  const double M = static_cast<double>(Cg * p.HW);
+  at::parallel_for(0, p.N * p.G, grain(Cg * ch.chunks * 8), [&](int64_t begin, int64_t end) {
+    std::vector<double> sp(Cg), sq(Cg), sh(Cg);
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / p.G, g = ng % p.G;
+      const double r = args.rstd[ng];
+      double m1 = 0.0, m2 = 0.0;  // means over the group of dxhat and dxhat * xhat
+      for (int64_t i = 0; i < Cg; ++i) {
+        const int64_t c = g * Cg + i;
+        sp[i] = sq[i] = sh[i] = 0.0;
+        for (int64_t t = 0; t < ch.chunks; ++t) {
+          const int64_t idx = (n * ch.chunks + t) * p.C + c;
+          sp[i] += P[idx];
+          sq[i] += Q[idx];
+          sh[i] += H[idx];
+        }
+        const double gamma = static_cast<double>(pr.weight[c]) * (1.0 + param_or(pr.scale, n * p.C + c, 0.f));
+        m1 += gamma * sp[i];
+        m2 += gamma * r * sq[i];
+      }
+      m1 /= M;
+      m2 /= M;
+      const double f = -r * r * m2;
+      for (int64_t i = 0; i < Cg; ++i) {
+        const int64_t c = g * Cg + i, nc = n * p.C + c;
+        const double s1 = 1.0 + param_or(pr.scale, nc, 0.f);
+        const double e = r * pr.weight[c] * s1;
+        E[nc] = static_cast<float>(e);
+        F[nc] = static_cast<float>(f);
+        G[nc] = static_cast<float>(k.D[nc] * f - r * m1);
+        const double sum_dz_xhat = r * sq[i];
+        if (args.dadd) args.dadd[nc] = static_cast<float>(e * sp[i] + f * sh[i] - r * m1 * static_cast<double>(p.HW));
+        if (args.dscale) args.dscale[nc] = static_cast<float>(pr.weight[c] * sum_dz_xhat + pr.bias[c] * sp[i]);
+        if (args.dshift) args.dshift[nc] = static_cast<float>(sp[i]);
+        args.dweight_per_sample[nc] = static_cast<float>(s1 * sum_dz_xhat);
+        args.dbias_per_sample[nc] = static_cast<float>(s1 * sp[i]);
+      }
+    }
+  });
+}
+
+template <typename T, bool kSilu>
+void backward_impl(const BackwardArgs& args) {
+  const Problem& p = args.p;
+  const T* x = static_cast<const T*>(args.x);
+  const T* dy = static_cast<const T*>(args.dy);
+  T* dx = static_cast<T*>(args.dx);
+  const Chunking ch = make_chunking(p);
+  const BackwardCoefs k = backward_coefs(args);
+  const int64_t partials = p.N * ch.chunks * p.C;
+  std::vector<float> P(partials), Q(partials), H(partials);
+  std::vector<float> E(p.N * p.C), F(p.N * p.C), G(p.N * p.C);
+
+  if (!p.channels_last) {
+    at::parallel_for(0, p.N * p.C, grain(p.HW), [&](int64_t begin, int64_t end) {
+      for (int64_t nc = begin; nc < end; ++nc) {
+        const Vec a(k.A[nc]), b(k.B[nc]), d(k.D[nc]);
+        const T* xr = x + nc * p.HW;
+        const T* gr = dy + nc * p.HW;
+        Vec vp(0.f), vq(0.f), vh(0.f);
+        for_each_vec(p.HW, [&](int64_t i, int64_t m) {
+          accumulate_grad_sums<kSilu>(load(xr + i, m), load(gr + i, m), a, b, d, m, vp, vq, vh);
+        });
+        P[nc] = hsum(vp);
+        Q[nc] = hsum(vq);
+        H[nc] = hsum(vh);
+      }
+    });
+  } else {
+    at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / ch.chunks, kk = t % ch.chunks;
+        float* Pt = &P[t * p.C];
+        float* Qt = &Q[t * p.C];
+        float* Ht = &H[t * p.C];
+        const int64_t offset = (n * p.HW + kk * ch.rows) * p.C;
+        for (int64_t r = 0; r < ch.count(kk, p.HW); ++r) {
+          const T* xr = x + offset + r * p.C;
+          const T* gr = dy + offset + r * p.C;
+          for_each_vec(p.C, [&](int64_t c, int64_t m) {
+            const int64_t nc = n * p.C + c;
+            Vec vp = load(Pt + c, m), vq = load(Qt + c, m), vh = load(Ht + c, m);
+            accumulate_grad_sums<kSilu>(load(xr + c, m), load(gr + c, m), load(&k.A[nc], m), load(&k.B[nc], m),
+                                        load(&k.D[nc], m), m, vp, vq, vh);
+            store(Pt + c, vp, m);
+            store(Qt + c, vq, m);
+            store(Ht + c, vh, m);
+          });
+        }
+      }
+    });
+  }
+
+  grad_coefficients(args, ch, k, P.data(), Q.data(), H.data(), E.data(), F.data(), G.data());
+
+  if (!p.channels_last) {
+    at::parallel_for(0, p.N * p.C, grain(p.HW), [&](int64_t begin, int64_t end) {
+      for (int64_t nc = begin; nc < end; ++nc) {
+        const Vec a(k.A[nc]), b(k.B[nc]), e(E[nc]), f(F[nc]), g(G[nc]);
+        const T* xr = x + nc * p.HW;
+        const T* gr = dy + nc * p.HW;
+        T* dxr = dx + nc * p.HW;
+        for_each_vec(p.HW, [&](int64_t i, int64_t m) {
+          const Vec xv = load(xr + i, m);
+          const Vec dz = grad_pre_activation<kSilu>(xv, load(gr + i, m), a, b);
+          store(dxr + i, at::vec::fmadd(dz, e, at::vec::fmadd(xv, f, g)), m);
+        });
+      }
+    });
+  } else {
+    at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / ch.chunks, kk = t % ch.chunks;
+        const int64_t offset = (n * p.HW + kk * ch.rows) * p.C;
+        for (int64_t r = 0; r < ch.count(kk, p.HW); ++r) {
+          const T* xr = x + offset + r * p.C;
+          const T* gr = dy + offset + r * p.C;
+          T* dxr = dx + offset + r * p.C;
+          for_each_vec(p.C, [&](int64_t c, int64_t m) {
+            const int64_t nc = n * p.C + c;
+            const Vec xv = load(xr + c, m);
+            const Vec dz = grad_pre_activation<kSilu>(xv, load(gr + c, m), load(&k.A[nc], m), load(&k.B[nc], m));
+            store(dxr + c, at::vec::fmadd(dz, load(&E[nc], m), at::vec::fmadd(xv, load(&F[nc], m), load(&G[nc], m))), m);
+          });
+        }
+      }
+    });
+  }
+}
+
+//----------------------------------------------------------------------------
+// Entry points of this capability: dtype / activation dispatch.
+
+template <template <typename, bool> class Kernel, typename Args>
+inline void dispatch(const Args& args) {
+  const bool silu = args.p.silu;
+  switch (args.p.dtype) {
+    case ScalarType::kFloat: silu ? Kernel<float, true>::run(args) : Kernel<float, false>::run(args); break;
+    case ScalarType::kBFloat16: silu ? Kernel<c10::BFloat16, true>::run(args) : Kernel<c10::BFloat16, false>::run(args); break;
+    case ScalarType::kHalf: silu ? Kernel<c10::Half, true>::run(args) : Kernel<c10::Half, false>::run(args); break;
+  }
+}
+
+template <typename T, bool kSilu>
+struct ForwardKernel { static void run(const ForwardArgs& a) { forward_impl<T, kSilu>(a); } };
+template <typename T, bool kSilu>
+struct BackwardKernel { static void run(const BackwardArgs& a) { backward_impl<T, kSilu>(a); } };
+
+void forward(const ForwardArgs& args) { dispatch<ForwardKernel>(args); }
+void backward(const BackwardArgs& args) { dispatch<BackwardKernel>(args); }
+
+}  // namespace CPU_CAPABILITY
+}  // namespace d2o_fast::cpu
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
