@@ -257,8 +257,19 @@ class Attention(nn.Module):
     def forward(self, x):
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), as timm
+        if torch.is_grad_enabled() and x.requires_grad:
+            # A graph through the backbone is being built (G step, R1): R1 differentiates the input gradient
+            # again, and the fused CPU/flash SDPA kernels have no double backward.
+            x = attention_reference(q, k, v)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), as timm
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+def attention_reference(q, k, v):
+    """softmax(q k^T / sqrt(d)) v from differentiable primitives (supports double backward)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
 class Mlp(nn.Module):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from d2o_fast.discriminators import BACKBONES, BackboneWeightsError, build_backbone, fold_batchnorm, load_backbone_weights
-from d2o_fast.discriminators.backbones import Conv2dSame, tf_same_padding
+from d2o_fast.discriminators.backbones import Attention, Conv2dSame, attention_reference, tf_same_padding
 
 VGG, EFFNET, DEIT = 'vgg16_bn', 'tf_efficientnet_lite0', 'deit_base_distilled_patch16_224'
 
@@ -238,3 +238,18 @@ def test_channels_last_and_bf16_autocast(backbones):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
         assert c.dtype == torch.bfloat16
         assert (c.float() - b).norm() <= 0.05 * b.norm()
+
+
+def test_attention_fast_path_matches_reference_and_double_backward_works():
+    attn = Attention(64, 4)
+    x = torch.randn(2, 10, 64)
+    q, k, v = torch.randn(3, 2, 4, 10, 16).unbind(0)
+    torch.testing.assert_close(attention_reference(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        fast = attn(x)  # fused SDPA
+    xg = x.clone().requires_grad_(True)
+    slow = attn(xg)  # graph through the input: double-backward-capable path
+    torch.testing.assert_close(slow, fast, rtol=1e-5, atol=1e-5)
+    grad, = torch.autograd.grad(slow.square().sum(), xg, create_graph=True)
+    grad.square().sum().backward()  # R1-style: differentiate the input gradient
+    assert attn.qkv.weight.grad.abs().sum() > 0

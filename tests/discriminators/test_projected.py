@@ -67,6 +67,24 @@ def test_backbones_stay_in_eval_mode_and_bn_stats_frozen():
     assert not any(m.training for m in d.feature_networks.modules())
 
 
+def r1_penalty(d, x, c=None):
+    """StyleGAN's R1: |d sum(logits) / d x|^2, differentiable w.r.t. the head parameters."""
+    x = x.detach().requires_grad_(True)
+    grad, = torch.autograd.grad(d(x, c).sum(), x, create_graph=True)
+    return grad.square().sum(dim=[1, 2, 3]).mean()
+
+
+def test_r1_double_backward_reaches_heads(disc):
+    for p in disc.trainable_parameters():
+        p.grad = None
+    r1_penalty(disc, images()).backward()
+    assert all(p.grad is not None for p in disc.trainable_parameters() if p.ndim == 4)
+    assert sum(p.grad.abs().sum() for p in disc.trainable_parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in disc.feature_networks.parameters())
+    for p in disc.trainable_parameters():
+        p.grad = None
+
+
 def test_optimizer_step_changes_heads_only(disc):
     opt = torch.optim.Adam(disc.trainable_parameters(), lr=1e-2)
     frozen = {k: v.clone() for k, v in disc.feature_networks.state_dict().items()}
@@ -198,4 +216,6 @@ def test_paper_64x64_discriminator():
     assert logits.shape == (1, 2 * 4 * 16)
     logits.sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    r1_penalty(d, x).backward()  # double backward through DeiT's attention
+    assert torch.isfinite(d.heads['deit_base_distilled_patch16_224'][0].out.parametrizations.weight.original.grad).all()
     assert not any(p.requires_grad for p in d.feature_networks.parameters())
