@@ -48,15 +48,19 @@ def load_detector(path, device='cpu'):
 
 
 def _load_pickled_detector(path):
-    """The .pkl form goes through the project's safe persistence loader, which runs no pickled code."""
+    """The .pkl form is read only through the project's safe persistence loader, which runs no pickled code.
+
+    That loader yields inert records (class name, tensors); running NVIDIA's pickled Inception from them
+    needs a native rebuild of its network, which the checkpoint layer may offer as safe_pickle.load_detector.
+    """
     try:
         from d2o_fast.checkpoint import safe_pickle
     except ImportError:
         safe_pickle = None
     loader = getattr(safe_pickle, 'load_detector', None)
     if loader is None:
-        raise MetricsError(f'{path}: reading a .pkl detector needs d2o_fast.checkpoint.safe_pickle.load_detector, '
-                           f'which this install lacks; use the TorchScript form {INCEPTION_PT_URL}')
+        raise MetricsError(f'{path}: a .pkl detector cannot be run safely yet (its pickled code is never executed and '
+                           f'this install has no native rebuild of it); use the TorchScript form {INCEPTION_PT_URL}')
     return loader(path)
 
 

@@ -6,12 +6,6 @@ Generated images are reproducible per seed, whatever the batch size or number of
 latent and class label come from its own torch.Generator seeded with the image's seed.
 """
 
-import io
-import os
-import zipfile
-
-import numpy as np
-import PIL.Image
 import torch
 
 from d2o_fast.metrics.detector import extract_features
@@ -19,7 +13,6 @@ from d2o_fast.metrics.errors import MetricsError
 from d2o_fast.metrics.feature_stats import FeatureStats, frechet_distance
 
 FULL_FID_IMAGES = 50_000   # the paper's (and EDM's) protocol; fewer images give a proxy FID
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
 
 def fid_label(num_images):
@@ -69,68 +62,18 @@ def _stats_dict(stats):
 
 
 #----------------------------------------------------------------------------
-# Images on disk: a folder (searched recursively) or a zip, in sorted name order.
-# TODO(data layer): switch to the d2o_fast.data readers once they land; this reader only lists and decodes.
-
-class _ImageFiles:
-    def __init__(self, path):
-        self.path = path
-        if os.path.isdir(path):
-            self._zip = None
-            names = [os.path.relpath(os.path.join(root, f), path) for root, _dirs, files in os.walk(path) for f in files]
-        elif os.path.isfile(path) and zipfile.is_zipfile(path):
-            self._zip = zipfile.ZipFile(path)
-            names = self._zip.namelist()
-        else:
-            raise MetricsError(f'image source not found or not a folder/zip: {path}')
-        self.names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
-        if not self.names:
-            raise MetricsError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {path}')
-
-    def __len__(self):
-        return len(self.names)
-
-    def read(self, idx):
-        name = self.names[idx]
-        try:
-            if self._zip is None:
-                img = PIL.Image.open(os.path.join(self.path, name))
-            else:
-                img = PIL.Image.open(io.BytesIO(self._zip.read(name)))
-            img.load()
-        except (OSError, PIL.UnidentifiedImageError) as e:
-            raise MetricsError(f'cannot decode image {name} in {self.path}: {e}') from None
-        arr = np.asarray(img.convert('L' if img.mode in ('L', 'I', 'I;16', '1') else 'RGB'))
-        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-
-    def close(self):
-        if self._zip is not None:
-            self._zip.close()
-
+# Images on disk: anything d2o_fast.data.open_dataset reads (EDM zip, folder, uint8 .npy/.npz), in its order.
 
 def image_stats(path, detector, batch_size=64, num_images=None, device='cpu'):
-    """Feature statistics of the first num_images (default: all) images of a folder or zip, by sorted name."""
-    files = _ImageFiles(path)
-    try:
-        if num_images is not None and len(files) < num_images:
-            raise MetricsError(f'found {len(files)} images in {path}, expected at least {num_images} '
-                               f'(pass a smaller count for a proxy FID)')
-        count = len(files) if num_images is None else num_images
-        shapes = set()
-
-        def batches():
-            for idx in rank_batches(count, batch_size):
-                if not len(idx):
-                    continue
-                arrays = [files.read(int(i)) for i in idx]
-                shapes.update(a.shape for a in arrays)
-                if len(shapes) > 1:
-                    raise MetricsError(f'images in {path} differ in shape: {sorted(shapes)}')
-                yield torch.from_numpy(np.stack(arrays))
-
-        return _stats_dict(accumulate_stats(batches(), detector, device))
-    finally:
-        files.close()
+    """Feature statistics of the first num_images (default: all) images of a dataset, folder or zip."""
+    from d2o_fast.data import open_dataset
+    dataset = open_dataset(path)
+    if num_images is not None and len(dataset) < num_images:
+        raise MetricsError(f'found {len(dataset)} images in {path}, expected at least {num_images} '
+                           f'(pass a smaller count for a proxy FID)')
+    count = len(dataset) if num_images is None else num_images
+    batches = (torch.from_numpy(dataset.images(idx.tolist())) for idx in rank_batches(count, batch_size) if len(idx))
+    return _stats_dict(accumulate_stats(batches, detector, device))
 
 
 #----------------------------------------------------------------------------
@@ -167,9 +110,9 @@ def seed_latents(net, seeds, device='cpu'):
 
 @torch.no_grad()
 def generate_uint8(net, seeds, device='cpu'):
-    """uint8 images [N, C, R, R] of the given seeds from a one-step generator (labels as seed_latents)."""
+    """(uint8 images [N, C, R, R], their one-hot labels or None) of the given seeds from a one-step generator."""
     z, labels = seed_latents(net, seeds, device)
-    return images_to_uint8(net.generate(z, labels))
+    return images_to_uint8(net.generate(z, labels)), labels
 
 
 def generator_stats(net, detector, seeds, batch_size=64, device='cpu'):
@@ -177,7 +120,7 @@ def generator_stats(net, detector, seeds, batch_size=64, device='cpu'):
     if not callable(getattr(net, 'generate', None)):
         raise MetricsError(f'{type(net).__name__} is not a one-step generator (it has no .generate(z, class_labels))')
     seeds = list(seeds)
-    batches = (generate_uint8(net, [seeds[i] for i in idx], device) for idx in rank_batches(len(seeds), batch_size)
+    batches = (generate_uint8(net, [seeds[i] for i in idx], device)[0] for idx in rank_batches(len(seeds), batch_size)
                if len(idx))
     return _stats_dict(accumulate_stats(batches, detector, device))
 

@@ -156,6 +156,10 @@ def test_detector_errors(tmp_path):
     bad.write_bytes(b'not a torchscript file')
     with pytest.raises(MetricsError, match='not a TorchScript detector'):
         load_detector(str(bad))
+    pkl = tmp_path / 'inception-2015-12-05.pkl'
+    pkl.write_bytes(b'not read with pickle.load')
+    with pytest.raises(MetricsError, match='inception-2015-12-05.pt'):
+        load_detector(str(pkl))
     with pytest.raises(MetricsError, match='reference statistics file not found'):
         load_stats(str(tmp_path / 'missing.npz'))
     np.savez(tmp_path / 'wrong.npz', mean=np.zeros(3))

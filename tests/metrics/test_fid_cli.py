@@ -1,0 +1,39 @@
+"""The FID command line: ref -> .npz, calc from a folder (proxy label), errors as one-line messages."""
+
+import numpy as np
+import pytest
+
+from d2o_fast.fid import main
+from d2o_fast.metrics import fid_from_stats, image_stats, load_detector, load_stats
+from tests.metrics.conftest import random_images, write_folder
+
+
+def test_ref_then_calc_from_folder(tmp_path, capsys, detector_path):
+    real = write_folder(tmp_path / 'real', random_images(40, seed=0))
+    fake = write_folder(tmp_path / 'fake', random_images(30, seed=5))
+    ref_path = str(tmp_path / 'ref.npz')
+    main(['ref', '--data', real, '--dest', ref_path, '--detector', detector_path, '--batch', '16'])
+    assert 'reference statistics of 40 images' in capsys.readouterr().out
+    ref = load_stats(ref_path)
+    main(['calc', '--images', fake, '--ref', ref_path, '--detector', detector_path, '--num', '30'])
+    line = capsys.readouterr().out.strip()
+    label, value = line.rsplit(': ', 1)
+    assert label == 'proxy FID (30 images)'
+    expected = fid_from_stats(image_stats(fake, load_detector(detector_path)), ref)['fid']
+    assert float(value) == pytest.approx(expected, abs=1e-4) and expected > 0.1
+
+
+def test_cli_errors_are_one_line(tmp_path, detector_path):
+    real = write_folder(tmp_path / 'real', random_images(8, seed=0))
+    with pytest.raises(SystemExit, match='inception-2015-12-05.pkl') as e:
+        main(['ref', '--data', real, '--dest', str(tmp_path / 'r.npz')])
+    assert '\n' not in str(e.value)
+    with pytest.raises(SystemExit, match='expected at least 50000'):
+        np.savez(tmp_path / 'r.npz', mu=np.zeros(12), sigma=np.eye(12))
+        main(['calc', '--images', real, '--ref', str(tmp_path / 'r.npz'), '--detector', detector_path])
+    with pytest.raises(SystemExit, match='no such file or directory'):
+        main(['calc', '--images', str(tmp_path / 'none'), '--ref', str(tmp_path / 'r.npz'), '--detector',
+              detector_path, '--num', '4'])
+    with pytest.raises(SystemExit, match='cannot parse seeds'):
+        main(['calc', '--snapshot', str(tmp_path / 'x.pt'), '--ref', str(tmp_path / 'r.npz'), '--detector',
+              detector_path, '--seeds', '1-x'])
