@@ -19,6 +19,15 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f'expected a boolean, got {text!r}')
 
 
+def _tuple_parser(item):
+    def parse(text):
+        try:
+            return tuple(item(v) for v in text.split(',') if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected comma-separated {item.__name__} values, got {text!r}') from None
+    return parse
+
+
 def add_dataclass_flags(parser, cls, skip=()):
     """One --flag per field (underscores become dashes); every default is None = 'not given'."""
     hints = typing.get_type_hints(cls)
@@ -34,8 +43,9 @@ def add_dataclass_flags(parser, cls, skip=()):
             parser.add_argument(flag, type=_parse_bool, nargs='?', const=True, default=None, metavar='BOOL',
                                 help=f'(default: {default})')
         elif kind is tuple:
-            parser.add_argument(flag, type=lambda s: tuple(v for v in s.split(',') if v), default=None, metavar='A,B',
-                                help=f'comma-separated (default: {",".join(default)})')
+            item = type(default[0]) if default else str
+            parser.add_argument(flag, type=_tuple_parser(item), default=None, metavar='A,B',
+                                help=f'comma-separated (default: {",".join(map(str, default))})')
         else:
             parser.add_argument(flag, type=kind, default=None, help=f'(default: {default})')
 

@@ -30,7 +30,8 @@ def main(argv):
         print(cfg.to_json())
         return
     from d2o_fast.engine.loop import training_loop
-    result = training_loop(cfg)
+    from d2o_fast.engine.setup import build_d2o_task
+    result = training_loop(cfg, build_d2o_task)
     if cfg.eval_demo and not result.stopped_by_signal:
         from d2o_fast.engine.demo_eval import report_demo
         report_demo(cfg, result)

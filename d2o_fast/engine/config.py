@@ -19,54 +19,34 @@ AUTHORS_IMAGES_PER_GPU = 64
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    # What to train.
+class RunConfig:
+    """What every training loop shares: data, batch, duration, run folder, progress and checkpoints."""
     preset: str = 'demo'
-    init: str = 'demo'                      # EDM .pkl, D2O .pkl, project snapshot, 'random', or 'demo'
-    arch: Optional[str] = None              # architecture for --init random: ddpmpp, ncsnpp, adm
     data: str = 'demo'                      # dataset zip, image folder, .npy/.npz, or 'demo'
-    cond: Optional[bool] = None             # None: follow the network's label_dim
-    freeze: int = 1                         # D2O-F freeze level 0-3 (0 = D2O)
     xflip: bool = False
-
-    # Discriminator.
-    disc: str = 'stylegan2'                 # 'projected' (the paper's) or 'stylegan2' (needs no weights)
-    disc_backbones: tuple = ('vgg16_bn', 'tf_efficientnet_lite0')
-    disc_weights: Optional[str] = None      # folder with timm-format backbone weights (offline clusters)
-    disc_channels: int = 64                 # stylegan2: channel width base (max), tiny for the demo
-
-    # Optimisation (Adam betas (0, 0.99), eps 1e-8 for both networks).
     batch: int = 256                        # global batch = batch_gpu x ranks x accumulation rounds
     batch_gpu: Optional[int] = None         # per-device batch; None = batch / ranks
-    lr: float = 1e-4
-    dlr: float = 1e-4
-    r1_gamma: float = AUTHORS_R1_GAMMA / AUTHORS_IMAGES_PER_GPU
-    r1_interval: int = 16
-    ema_mimg: float = 0.5                   # EMA half-life in millions of images ...
-    ema_rampup: float = 0.05                # ... capped at this fraction of the images seen
     kimg: float = 5000                      # training duration in thousands of images
-    precision: str = 'auto'                 # generator: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32
-    disc_precision: str = 'fp32'            # discriminator: fp32 (the authors'), bf16
-
-    # Performance.
+    precision: str = 'auto'                 # the U-Net: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32
     compile: bool = False
     kernels: str = 'auto'                   # fused GroupNorm backend: auto, triton, cuda, cpu, torch
     data_backend: str = 'auto'              # auto, native, dali
     workers: int = 2
-
-    # Run folder, progress and checkpoints.
     outdir: str = 'training-runs'
     run_dir: Optional[str] = None           # explicit run folder (otherwise outdir/NNNNN-preset-...)
     resume: str = 'auto'                    # auto, none, or a training-state path
     seed: int = 0
     tick_kimg: float = 50
-    snapshot_ticks: int = 10                # EMA snapshot + grid every N ticks
+    snapshot_ticks: int = 10                # snapshot + image grid every N ticks
     checkpoint_ticks: int = 10              # full training state every N ticks
     keep_checkpoints: int = 3
     nan_patience: int = 20                  # stop after this many consecutive non-finite steps
     grid_size: int = 64                     # images in the progress grid
-    eval_demo: bool = False                 # demo: evaluate before/after and print the table
     profile: bool = False
+
+    # Fields that say where and how a run is executed, not what it computes.
+    EXECUTION_FIELDS = ('outdir', 'run_dir', 'resume', 'workers', 'profile', 'tick_kimg', 'snapshot_ticks',
+                        'checkpoint_ticks', 'keep_checkpoints', 'data_backend', 'kernels', 'compile', 'eval_demo')
 
     def resolved_batch_gpu(self, world_size):
         per_rank = self.batch // world_size
@@ -82,11 +62,87 @@ class TrainConfig:
 
     def identity(self):
         """Hash of what defines the run (not where it is written or how it resumes)."""
-        d = dataclasses.asdict(self)
-        for k in ('outdir', 'run_dir', 'resume', 'workers', 'profile', 'tick_kimg', 'snapshot_ticks',
-                  'checkpoint_ticks', 'keep_checkpoints', 'eval_demo', 'data_backend', 'kernels', 'compile'):
-            d.pop(k)
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.EXECUTION_FIELDS}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self):
+        checks = [
+            (self.precision in ('auto', 'bf16', 'fp16', 'fp32'), f'--precision must be auto, bf16, fp16 or fp32, got {self.precision!r}'),
+            (self.batch > 0 and (self.batch_gpu is None or self.batch_gpu > 0), '--batch and --batch-gpu must be positive'),
+            (self.kimg > 0, '--kimg must be positive'),
+            (self.kernels in ('auto', 'triton', 'cuda', 'cpu', 'torch'), f'--kernels must be auto, triton, cuda, cpu or torch, got {self.kernels!r}'),
+            (self.data_backend in ('auto', 'native', 'dali'), f'--data-backend must be auto, native or dali, got {self.data_backend!r}'),
+            (self.tick_kimg > 0 and self.snapshot_ticks >= 1 and self.checkpoint_ticks >= 1, 'tick and snapshot intervals must be positive'),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclasses.dataclass
+class TrainConfig(RunConfig):
+    """D2O / D2O-F fine-tuning of a pretrained EDM U-Net into a one-step generator."""
+    init: str = 'demo'                      # EDM .pkl, D2O .pkl, project snapshot, 'random', or 'demo'
+    arch: Optional[str] = None              # architecture for --init random: ddpmpp, ncsnpp, adm
+    cond: Optional[bool] = None             # None: follow the network's label_dim
+    freeze: int = 1                         # D2O-F freeze level 0-3 (0 = D2O)
+
+    # Discriminator.
+    disc: str = 'stylegan2'                 # 'projected' (the paper's) or 'stylegan2' (needs no weights)
+    disc_backbones: tuple = ('vgg16_bn', 'tf_efficientnet_lite0')
+    disc_weights: Optional[str] = None      # folder with timm-format backbone weights (offline clusters)
+    disc_channels: int = 64                 # stylegan2: channel width (max)
+    disc_precision: str = 'fp32'            # fp32 (the authors'), bf16
+
+    # Optimisation (Adam betas (0, 0.99), eps 1e-8 for both networks).
+    lr: float = 1e-4
+    dlr: float = 1e-4
+    r1_gamma: float = AUTHORS_R1_GAMMA / AUTHORS_IMAGES_PER_GPU
+    r1_interval: int = 16
+    ema_mimg: float = 0.5                   # EMA half-life in millions of images ...
+    ema_rampup: float = 0.05                # ... capped at this fraction of the images seen
+    eval_demo: bool = False                 # demo: evaluate before/after and print the table
+
+    def validate(self):
+        super().validate()
+        checks = [
+            (self.freeze in (0, 1, 2, 3), f'--freeze must be 0-3, got {self.freeze}'),
+            (self.disc in ('projected', 'stylegan2'), f'--disc must be projected or stylegan2, got {self.disc!r}'),
+            (self.disc_precision in ('bf16', 'fp32'), f'--disc-precision must be bf16 or fp32, got {self.disc_precision!r}'),
+            (self.lr > 0 and self.dlr > 0, '--lr and --dlr must be positive'),
+            (self.r1_interval >= 1 and self.r1_gamma >= 0, '--r1-interval must be >= 1 and --r1-gamma >= 0'),
+            (self.init != 'random' or self.arch in ('ddpmpp', 'ncsnpp', 'adm'), '--init random needs --arch ddpmpp, ncsnpp or adm'),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclasses.dataclass
+class PretrainConfig(RunConfig):
+    """EDM diffusion pre-training (the generative pre-training D2O starts from)."""
+    arch: str = 'ddpmpp'                    # ddpmpp, ncsnpp, adm
+    model_channels: int = 32
+    channel_mult: tuple = (1, 2, 2)
+    num_blocks: int = 2
+    attn_resolutions: tuple = (16,)
+    dropout: float = 0.1
+    cond: bool = True
+    lr: float = 1e-3
+    lr_rampup_kimg: float = 10
+    ema_mimg: float = 0.05
+    ema_rampup: float = 0.05
+    p_mean: float = -1.2                    # EDM's log-normal noise level distribution
+    p_std: float = 1.2
+    sigma_data: float = 0.5
+    grid_steps: int = 18                    # Heun steps for the progress grid
+
+    def validate(self):
+        super().validate()
+        if self.arch not in ('ddpmpp', 'ncsnpp', 'adm'):
+            raise ValueError(f'--arch must be ddpmpp, ncsnpp or adm, got {self.arch!r}')
+        if self.lr <= 0:
+            raise ValueError('--lr must be positive')
 
 
 #----------------------------------------------------------------------------
@@ -117,35 +173,25 @@ PRESETS = {
 }
 
 
-def resolve_config(preset='demo', **overrides):
+def resolve_config(preset='demo', cls=TrainConfig, presets=None, **overrides):
     """Preset values, then explicit overrides (None means 'not given')."""
-    if preset not in PRESETS:
-        raise ValueError(f'unknown preset {preset!r}; expected one of {", ".join(sorted(PRESETS))}')
-    values = dict(PRESETS[preset], preset=preset)
+    presets = PRESETS if presets is None else presets
+    if preset not in presets:
+        raise ValueError(f'unknown preset {preset!r}; expected one of {", ".join(sorted(presets))}')
+    values = dict(presets[preset], preset=preset)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f'unknown config fields: {", ".join(unknown)}')
-    cfg = TrainConfig(**values)
-    validate_config(cfg)
+    cfg = cls(**values)
+    cfg.validate()
     return cfg
 
 
-def validate_config(cfg):
-    checks = [
-        (cfg.freeze in (0, 1, 2, 3), f'--freeze must be 0-3, got {cfg.freeze}'),
-        (cfg.disc in ('projected', 'stylegan2'), f'--disc must be projected or stylegan2, got {cfg.disc!r}'),
-        (cfg.precision in ('auto', 'bf16', 'fp16', 'fp32'), f'--precision must be auto, bf16, fp16 or fp32, got {cfg.precision!r}'),
-        (cfg.disc_precision in ('bf16', 'fp32'), f'--disc-precision must be bf16 or fp32, got {cfg.disc_precision!r}'),
-        (cfg.batch > 0 and (cfg.batch_gpu is None or cfg.batch_gpu > 0), '--batch and --batch-gpu must be positive'),
-        (cfg.lr > 0 and cfg.dlr > 0, '--lr and --dlr must be positive'),
-        (cfg.kimg > 0, '--kimg must be positive'),
-        (cfg.r1_interval >= 1 and cfg.r1_gamma >= 0, '--r1-interval must be >= 1 and --r1-gamma >= 0'),
-        (cfg.kernels in ('auto', 'triton', 'cuda', 'cpu', 'torch'), f'--kernels must be auto, triton, cuda, cpu or torch, got {cfg.kernels!r}'),
-        (cfg.data_backend in ('auto', 'native', 'dali'), f'--data-backend must be auto, native or dali, got {cfg.data_backend!r}'),
-        (cfg.init != 'random' or cfg.arch in ('ddpmpp', 'ncsnpp', 'adm'), '--init random needs --arch ddpmpp, ncsnpp or adm'),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+# EDM pre-training presets: the small digits model that ships as the demo's starting point.
+PRETRAIN_PRESETS = {
+    'demo': dict(data='demo', arch='ddpmpp', model_channels=32, channel_mult=(1, 2, 2), num_blocks=2,
+                 attn_resolutions=(16,), dropout=0.1, cond=True, batch=64, lr=1e-3, kimg=400, ema_mimg=0.05,
+                 tick_kimg=10, snapshot_ticks=10, checkpoint_ticks=5, grid_size=100),
+}

@@ -82,3 +82,11 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def global_randn(key, global_batch, shape_one, rank, per_rank, device):
+    """This rank's slice of N(0, I) draws made for the whole global batch from a generator seeded by `key`,
+    so every sample's noise is the same whatever the number of processes."""
+    g = torch.Generator().manual_seed(int(key))
+    z = torch.randn([global_batch, *shape_one], generator=g)
+    return z[rank * per_rank:(rank + 1) * per_rank].to(device)

@@ -41,6 +41,3 @@ def r1_penalty(discriminator, real, labels):
     (grad,) = torch.autograd.grad(outputs=[total], inputs=[real], create_graph=True, only_inputs=True)
     return grad.square().sum(dim=[1, 2, 3])
 
-
-def r1_loss(discriminator, real, labels, gamma, interval):
-    return r1_penalty(discriminator, real, labels).mean() * (gamma / 2) * interval

@@ -28,20 +28,18 @@ def save_image_grid(images, path, grid_w=None):
     return path
 
 
+# Step statistics shown in the status line when a trainer reports them: (key, label, format).
+STEP_FIELDS = [
+    ('loss', 'loss', '<8.4f'), ('loss_g', 'G', '<7.4f'), ('loss_d', 'D', '<7.4f'), ('r1_penalty', 'R1', '<8.3g'),
+    ('logit_real', 'D(real)', '<+7.3f'), ('logit_fake', 'D(fake)', '<+7.3f'),
+]
+
+
 def format_status(s):
-    """One status line: kimg, throughput, losses, logits, memory, ETA."""
-    fields = [
-        f"kimg {s['kimg']:<8.1f}",
-        f"img/s {s['img_per_sec']:<7.2f}",
-        f"sec/kimg {s['sec_per_kimg']:<7.2f}",
-        f"G {s['loss_g']:<7.4f}",
-        f"D {s['loss_d']:<7.4f}",
-        f"R1 {s['r1_penalty']:<8.3g}",
-        f"D(real) {s['logit_real']:<+7.3f}",
-        f"D(fake) {s['logit_fake']:<+7.3f}",
-        f"mem {s['peak_mem_gb']:<5.2f}GB",
-        f"eta {format_time(s['eta_sec'])}",
-    ]
+    """One status line: kimg, throughput, the trainer's losses and logits, memory, ETA."""
+    fields = [f"kimg {s['kimg']:<8.1f}", f"img/s {s['img_per_sec']:<7.2f}", f"sec/kimg {s['sec_per_kimg']:<7.2f}"]
+    fields += [f'{label} {s[key]:{fmt}}' for key, label, fmt in STEP_FIELDS if key in s]
+    fields += [f"mem {s['peak_mem_gb']:<5.2f}GB", f"eta {format_time(s['eta_sec'])}"]
     return '  '.join(fields)
 
 

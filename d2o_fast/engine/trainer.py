@@ -5,50 +5,17 @@ generator keyed by (seed, step, phase) for the whole global batch, and each rank
 result does not depend on the number of processes or on where a run was resumed.
 """
 
-import contextlib
-import dataclasses
-
 import torch
 
 from d2o_fast.engine import distributed as dist
 from d2o_fast.engine.ema import ema_beta, make_ema, update_ema
+from d2o_fast.engine.profiling import nvtx_range
+from d2o_fast.engine.optim import autocast_context, autocast_dtype, finish_gradients, make_adam
 from d2o_fast.engine.gan import discriminator_loss, generator_loss, mean_logit, r1_penalty
 from d2o_fast.nets import apply_freeze
 
 PHASE_G, PHASE_D = 1, 2
 ADAM_BETAS = (0.0, 0.99)
-ADAM_EPS = 1e-8
-GRAD_CLAMP = 1e5   # nan_to_num bounds for gradients, as the authors
-
-
-@dataclasses.dataclass
-class StepStats:
-    loss_g: float
-    loss_d: float
-    logit_real: float
-    logit_fake: float
-    r1_penalty: float = float('nan')
-
-    def finite(self):
-        return all(torch.isfinite(torch.tensor(v)) for v in (self.loss_g, self.loss_d))
-
-
-def autocast_dtype(precision, device):
-    if precision == 'auto':
-        precision = 'bf16' if device.type == 'cuda' else 'fp32'
-    return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[precision]
-
-
-def _autocast(device, dtype):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _make_adam(params, lr, betas, device):
-    # fused Adam on CUDA (one kernel for all tensors), foreach on CPU.
-    fused = device.type == 'cuda'
-    return torch.optim.Adam(params, lr=lr, betas=betas, eps=ADAM_EPS, fused=fused or None, foreach=None if fused else True)
 
 
 class D2OTrainer:
@@ -70,8 +37,8 @@ class D2OTrainer:
 
         # Lazy regularisation: D's lr and beta2 are rescaled for the extra R1 step every `interval` steps.
         ratio = cfg.r1_interval / (cfg.r1_interval + 1)
-        self.opt_g = _make_adam(self.g_params, cfg.lr, ADAM_BETAS, device)
-        self.opt_d = _make_adam(self.d_params, cfg.dlr * ratio, (ADAM_BETAS[0], ADAM_BETAS[1] ** ratio), device)
+        self.opt_g = make_adam(self.g_params, cfg.lr, ADAM_BETAS, device)
+        self.opt_d = make_adam(self.d_params, cfg.dlr * ratio, (ADAM_BETAS[0], ADAM_BETAS[1] ** ratio), device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.g_dtype == torch.float16)
 
         # Forward passes may be compiled; R1's double backward always runs the eager discriminator.
@@ -84,91 +51,90 @@ class D2OTrainer:
 
     def noise(self, step, phase, shape_one, rank):
         """z for this rank's part of the global batch, keyed by (seed, step, phase)."""
-        g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step) * 4 + phase)
-        z = torch.randn([self.global_batch, *shape_one], generator=g)
-        per_rank = self.batch_gpu * self.rounds
-        return z[rank * per_rank:(rank + 1) * per_rank].to(self.device)
+        key = (self.cfg.seed * 1_000_003 + step) * 4 + phase
+        return dist.global_randn(key, self.global_batch, shape_one, rank, self.batch_gpu * self.rounds, self.device)
 
     def generate(self, z, labels, grad):
-        with torch.set_grad_enabled(grad), _autocast(self.device, self.g_dtype):
+        with torch.set_grad_enabled(grad), autocast_context(self.device, self.g_dtype):
             return self.G_fwd(z * self.G.sigma_generate, torch.full([z.shape[0]], self.G.sigma_generate, device=z.device),
                               labels).float()
 
     def discriminate(self, images, labels):
-        with _autocast(self.device, self.d_dtype):
+        with autocast_context(self.device, self.d_dtype):
             return self.D_fwd(images, labels)
-
-    def _finish(self, opt, params, scaler=None):
-        if scaler is not None:
-            scaler.unscale_(opt)
-        dist.average_gradients(params)
-        for p in params:
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=GRAD_CLAMP, neginf=-GRAD_CLAMP, out=p.grad)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
 
     #------------------------------------------------------------------------
 
     def step(self, images, labels, step, images_seen, rank=0):
         """One iteration on this rank's images [B_rank, C, H, W] in [-1, 1] and one-hot labels."""
-        shape_one = images.shape[1:]
         labels = labels if labels.shape[1] else None
-        chunks = list(zip(images.chunk(self.rounds), labels.chunk(self.rounds) if labels is not None else [None] * self.rounds))
+        reals = images.chunk(self.rounds)
+        conds = labels.chunk(self.rounds) if labels is not None else [None] * self.rounds
+        stats = {}
+        with nvtx_range('G step'):
+            stats.update(self.generator_phase(reals, conds, step, rank))
+        with nvtx_range('D step'):
+            stats.update(self.discriminator_phase(reals, conds, step, rank))
+        if self.cfg.r1_gamma > 0 and step > 0 and step % self.cfg.r1_interval == 0:
+            with nvtx_range('R1 step'):
+                stats.update(self.r1_phase(reals, conds))
+        with nvtx_range('EMA'):
+            # Half-life ramp-up from the images seen before this step, as the authors.
+            update_ema(self.G_ema, self.G, ema_beta(images_seen, self.global_batch, self.cfg.ema_mimg, self.cfg.ema_rampup))
+        return {k: dist.all_reduce_mean(v.item(), self.device) for k, v in stats.items()}
 
-        # G step: D's parameters do not require grad, so backward computes only what reaches G.
-        z_all = self.noise(step, PHASE_G, shape_one, rank).chunk(self.rounds)
+    def generator_phase(self, reals, conds, step, rank):
+        """softplus(-D(G(z))); D's parameters do not require grad, so backward computes only what reaches G."""
+        zs = self.noise(step, PHASE_G, reals[0].shape[1:], rank).chunk(self.rounds)
         for p in self.d_params:
             p.requires_grad_(False)
         self.opt_g.zero_grad(set_to_none=True)
-        loss_g = logit_fake = 0.0
-        for (real, c), z in zip(chunks, z_all):
-            fake = self.generate(z, c, grad=True)
-            logits = self.discriminate(fake, c)
-            loss = generator_loss(logits)
-            self.scaler.scale(loss / self.rounds).backward()
-            loss_g += loss.item() / self.rounds
+        total = torch.zeros([], device=self.device)
+        for c, z in zip(conds, zs):
+            with nvtx_range('G forward'):
+                loss = generator_loss(self.discriminate(self.generate(z, c, grad=True), c))
+            with nvtx_range('G backward'):
+                self.scaler.scale(loss / self.rounds).backward()
+            total += loss.detach() / self.rounds
         for p in self.d_params:
             p.requires_grad_(True)
-        self._finish(self.opt_g, self.g_params, self.scaler if self.scaler.is_enabled() else None)
+        with nvtx_range('G optimizer'):
+            finish_gradients(self.g_params, self.opt_g, self.scaler if self.scaler.is_enabled() else None)
+        return dict(loss_g=total)
 
-        # D step: fakes from a fresh z, generated without a graph.
-        z_all = self.noise(step, PHASE_D, shape_one, rank).chunk(self.rounds)
+    def discriminator_phase(self, reals, conds, step, rank):
+        """softplus(D(G(z))) + softplus(-D(x)), with fakes from a fresh z generated without a graph."""
+        zs = self.noise(step, PHASE_D, reals[0].shape[1:], rank).chunk(self.rounds)
         self.opt_d.zero_grad(set_to_none=True)
-        loss_d = logit_real = 0.0
-        for (real, c), z in zip(chunks, z_all):
-            fake = self.generate(z, c, grad=False)
-            fake_logits = self.discriminate(fake, c)
-            real_logits = self.discriminate(real, c)
-            loss = discriminator_loss(fake_logits, real_logits)
-            (loss / self.rounds).backward()
-            loss_d += loss.item() / self.rounds
-            logit_fake += mean_logit(fake_logits).item() / self.rounds
-            logit_real += mean_logit(real_logits).item() / self.rounds
-        self._finish(self.opt_d, self.d_params)
+        total = torch.zeros([], device=self.device)
+        logit_fake = torch.zeros([], device=self.device)
+        logit_real = torch.zeros([], device=self.device)
+        for real, c, z in zip(reals, conds, zs):
+            with nvtx_range('D forward'):
+                fake = self.generate(z, c, grad=False)
+                fake_logits = self.discriminate(fake, c)
+                real_logits = self.discriminate(real, c)
+                loss = discriminator_loss(fake_logits, real_logits)
+            with nvtx_range('D backward'):
+                (loss / self.rounds).backward()
+            total += loss.detach() / self.rounds
+            logit_fake += mean_logit(fake_logits) / self.rounds
+            logit_real += mean_logit(real_logits) / self.rounds
+        with nvtx_range('D optimizer'):
+            finish_gradients(self.d_params, self.opt_d)
+        return dict(loss_d=total, logit_fake=logit_fake, logit_real=logit_real)
 
-        stats = StepStats(loss_g=dist.all_reduce_mean(loss_g, self.device), loss_d=dist.all_reduce_mean(loss_d, self.device),
-                          logit_real=dist.all_reduce_mean(logit_real, self.device),
-                          logit_fake=dist.all_reduce_mean(logit_fake, self.device))
-
-        # Lazy R1 on reals, through the whole (eager) discriminator, weighted by the interval.
-        if self.cfg.r1_gamma > 0 and step > 0 and step % self.cfg.r1_interval == 0:
-            self.opt_d.zero_grad(set_to_none=True)
-            penalty_sum = 0.0
-            for real, c in chunks:
-                with _autocast(self.device, self.d_dtype):
-                    penalty = r1_penalty(self.D, real, c)
-                (penalty.mean() * (self.cfg.r1_gamma / 2) * self.cfg.r1_interval / self.rounds).backward()
-                penalty_sum += penalty.mean().item() / self.rounds
-            self._finish(self.opt_d, self.d_params)
-            stats.r1_penalty = dist.all_reduce_mean(penalty_sum, self.device)
-
-        # EMA with the half-life ramp-up (images seen before this step, as the authors).
-        update_ema(self.G_ema, self.G, ema_beta(images_seen, self.global_batch, self.cfg.ema_mimg, self.cfg.ema_rampup))
-        return stats
+    def r1_phase(self, reals, conds):
+        """gamma/2 |grad_x D(x)|^2 on reals through the whole (eager) discriminator, weighted by the interval."""
+        self.opt_d.zero_grad(set_to_none=True)
+        total = torch.zeros([], device=self.device)
+        for real, c in zip(reals, conds):
+            with autocast_context(self.device, self.d_dtype):
+                penalty = r1_penalty(self.D, real, c).mean()
+            (penalty * (self.cfg.r1_gamma / 2) * self.cfg.r1_interval / self.rounds).backward()
+            total += penalty.detach() / self.rounds
+        finish_gradients(self.d_params, self.opt_d)
+        return dict(r1_penalty=total)
 
     #------------------------------------------------------------------------
 

@@ -1,0 +1,44 @@
+"""Optimizer and precision plumbing shared by the trainers."""
+
+import contextlib
+
+import torch
+
+from d2o_fast.engine import distributed as dist
+
+ADAM_EPS = 1e-8
+GRAD_CLAMP = 1e5   # nan_to_num bounds for gradients, as the authors
+
+
+def autocast_dtype(precision, device):
+    """'auto' = bf16 on CUDA, fp32 on CPU; None means no autocast."""
+    if precision == 'auto':
+        precision = 'bf16' if device.type == 'cuda' else 'fp32'
+    return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[precision]
+
+
+def autocast_context(device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_adam(params, lr, betas, device):
+    # fused Adam on CUDA (one kernel for all tensors), foreach on CPU.
+    fused = device.type == 'cuda'
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=ADAM_EPS, fused=fused or None, foreach=None if fused else True)
+
+
+def finish_gradients(params, optimizer, scaler=None):
+    """Unscale (fp16), average across ranks, replace NaN/Inf, step."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    dist.average_gradients(params)
+    for p in params:
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=GRAD_CLAMP, neginf=-GRAD_CLAMP, out=p.grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
