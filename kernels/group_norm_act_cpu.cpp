@@ -104,7 +104,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const Tensor& we
   const auto stats_opts = call.x.options().dtype(at::kFloat);
   Tensor mean = at::empty({call.problem.N, num_groups}, stats_opts);
   Tensor rstd = at::empty({call.problem.N, num_groups}, stats_opts);
-  const cpu::ForwardArgs args{call.problem, kernel_params(call), static_cast<float>(eps), call.x.data_ptr(),
+  const ForwardArgs args{call.problem, kernel_params(call), static_cast<float>(eps), call.x.data_ptr(),
                               y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>()};
   cpu::active().forward(args);
   return {y, mean, rstd};
@@ -119,7 +119,7 @@ BackwardResult backward_cpu(const Tensor& dy, const Tensor& x, const Tensor& wei
   const Tensor rstd_ = stage_statistic(rstd, call, "rstd");
   Tensor dx = at::empty_like(call.x);
   GradBuffers b = make_grad_buffers(call);
-  const cpu::BackwardArgs args{call.problem,
+  const BackwardArgs args{call.problem,
                                kernel_params(call),
                                dy_.data_ptr(),
                                call.x.data_ptr(),

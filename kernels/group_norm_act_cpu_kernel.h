@@ -8,12 +8,14 @@
 // Algorithm (same for both layouts, all statistics in float32, group combines in double):
 //   forward : 1) per-(sample, channel, chunk) mean and M2 of x (two-pass inside a chunk,
 //                 which is cache resident);  2) per group: Chan-combine -> mean, rstd and the
-//                 per-(sample, channel) affine coefficients A, B with z = x * A + B;
-//             3) y = act(x * A + B): one FMA (+ SiLU) per element.
+//                 per-(sample, channel) coefficients K, A, B with z = (x - K) * A + B;
+//             3) y = act((x - K) * A + B): a subtract and an FMA (+ SiLU) per element.
 //   backward: 1) per-(sample, channel, chunk) sums P = sum dz, Q = sum dz * hc, H = sum hc
-//                 with hc = x + add - mean (centred, so no cancellation);
+//                 with hc = x - K = x + add - mean;
 //             2) per group: the GroupNorm input-gradient coefficients E, F, G with
-//                 dx = dz * E + x * F + G, and the [N, C] parameter gradients;
+//                 dx = dz * E + hc * F + G, and the [N, C] parameter gradients;
+// Centring on K = mean - add before scaling (rather than folding it into one x * A + B)
+// keeps float32 accurate when |mean| >> std.
 //             3) dx, recomputing dz from x and dy (cheaper than storing it).
 
 #if !defined(CPU_CAPABILITY)
@@ -161,12 +163,11 @@ inline Vec activate(const Vec& z) {
   if constexpr (kSilu) return z * sigmoid(z); else return z;
 }
 
-// dL/dz from dL/dy, with z = x * a + b recomputed.
+// dL/dz from dL/dy and the recomputed pre-activation z.
 template <bool kSilu>
-inline Vec grad_pre_activation(const Vec& x, const Vec& dy, const Vec& a, const Vec& b) {
+inline Vec grad_pre_activation(const Vec& z, const Vec& dy) {
   if constexpr (kSilu) {
     const Vec one(1.f);
-    const Vec z = at::vec::fmadd(x, a, b);
     const Vec s = sigmoid(z);
     return dy * s * at::vec::fmadd(z, one - s, one);
   } else {
@@ -198,15 +199,19 @@ inline int64_t grain(int64_t elements_per_task) {
 
 inline float param_or(const float* t, int64_t i, float otherwise) { return t ? t[i] : otherwise; }
 
-// z = x * A + B for channel c of sample n, given its group's mean and rstd.
+// Per-(n, c) coefficients of z = (x - K) * A + B, from the group's mean and rstd.
+struct Coefs {
+  std::vector<float> K, A, B;
+  explicit Coefs(int64_t size) : K(size), A(size), B(size) {}
+};
+
 inline void pre_activation_coefs(const Params& pr, int64_t n, int64_t c, int64_t C, float mean, float rstd,
-                                 float& A, float& B) {
+                                 Coefs& k) {
   const int64_t nc = n * C + c;
-  const float a = param_or(pr.add, nc, 0.f);
   const float s1 = 1.f + param_or(pr.scale, nc, 0.f);
-  const float t = param_or(pr.shift, nc, 0.f);
-  A = rstd * pr.weight[c] * s1;
-  B = (a - mean) * A + pr.bias[c] * s1 + t;
+  k.K[nc] = mean - param_or(pr.add, nc, 0.f);
+  k.A[nc] = rstd * pr.weight[c] * s1;
+  k.B[nc] = pr.bias[c] * s1 + param_or(pr.shift, nc, 0.f);
 }
 
 //----------------------------------------------------------------------------
@@ -247,9 +252,9 @@ inline void chunk_moments(const T* x, int64_t rows, int64_t C, float* mean, floa
   }
 }
 
-// Phase 2: Chan-combine the chunk moments of each group -> mean, rstd, and A, B per (n, c).
+// Phase 2: Chan-combine the chunk moments of each group -> mean, rstd, and K, A, B per (n, c).
 inline void group_statistics(const ForwardArgs& args, const Chunking& ch, const float* cmean, const float* cm2,
-                             float* A, float* B) {
+                             Coefs& k) {
   const Problem& p = args.p;
   const int64_t Cg = p.C / p.G;
   at::parallel_for(0, p.N * p.G, grain(Cg * ch.chunks * 8), [&](int64_t begin, int64_t end) {
@@ -288,7 +293,7 @@ inline void group_statistics(const ForwardArgs& args, const Chunking& ch, const 
       args.rstd[ng] = rstd;
       for (int64_t i = 0; i < Cg; ++i) {
         const int64_t c = g * Cg + i;
-        pre_activation_coefs(args.params, n, c, p.C, mean, rstd, A[n * p.C + c], B[n * p.C + c]);
+        pre_activation_coefs(args.params, n, c, p.C, mean, rstd, k);
       }
     }
   });
@@ -301,7 +306,7 @@ void forward_impl(const ForwardArgs& args) {
   T* y = static_cast<T*>(args.y);
   const Chunking ch = make_chunking(p);
   std::vector<float> cmean(p.N * ch.chunks * p.C), cm2(p.N * ch.chunks * p.C);
-  std::vector<float> A(p.N * p.C), B(p.N * p.C);
+  Coefs k(p.N * p.C);
 
   if (!p.channels_last) {
     at::parallel_for(0, p.N * p.C, grain(p.HW), [&](int64_t begin, int64_t end) {
@@ -310,37 +315,40 @@ void forward_impl(const ForwardArgs& args) {
   } else {
     at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / ch.chunks, k = t % ch.chunks;
-        chunk_moments(x + (n * p.HW + k * ch.rows) * p.C, ch.count(k, p.HW), p.C, &cmean[t * p.C], &cm2[t * p.C]);
+        const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
+        chunk_moments(x + (n * p.HW + chunk * ch.rows) * p.C, ch.count(chunk, p.HW), p.C, &cmean[t * p.C],
+                      &cm2[t * p.C]);
       }
     });
   }
 
-  group_statistics(args, ch, cmean.data(), cm2.data(), A.data(), B.data());
+  group_statistics(args, ch, cmean.data(), cm2.data(), k);
 
   if (!p.channels_last) {
     at::parallel_for(0, p.N * p.C, grain(p.HW), [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
-        const Vec a(A[nc]), b(B[nc]);
+        const Vec kc(k.K[nc]), a(k.A[nc]), b(k.B[nc]);
         const T* xr = x + nc * p.HW;
         T* yr = y + nc * p.HW;
         for_each_vec(p.HW, [&](int64_t i, int64_t m) {
-          store(yr + i, activate<kSilu>(at::vec::fmadd(load(xr + i, m), a, b)), m);
+          store(yr + i, activate<kSilu>(at::vec::fmadd(load(xr + i, m) - kc, a, b)), m);
         });
       }
     });
   } else {
     at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / ch.chunks, k = t % ch.chunks;
-        const float* An = &A[n * p.C];
-        const float* Bn = &B[n * p.C];
-        const int64_t offset = (n * p.HW + k * ch.rows) * p.C;
-        for (int64_t r = 0; r < ch.count(k, p.HW); ++r) {
+        const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
+        const float* Kn = &k.K[n * p.C];
+        const float* An = &k.A[n * p.C];
+        const float* Bn = &k.B[n * p.C];
+        const int64_t offset = (n * p.HW + chunk * ch.rows) * p.C;
+        for (int64_t r = 0; r < ch.count(chunk, p.HW); ++r) {
           const T* xr = x + offset + r * p.C;
           T* yr = y + offset + r * p.C;
           for_each_vec(p.C, [&](int64_t c, int64_t m) {
-            store(yr + c, activate<kSilu>(at::vec::fmadd(load(xr + c, m), load(An + c, m), load(Bn + c, m))), m);
+            const Vec hc = load(xr + c, m) - load(Kn + c, m);
+            store(yr + c, activate<kSilu>(at::vec::fmadd(hc, load(An + c, m), load(Bn + c, m))), m);
           });
         }
       }
@@ -351,20 +359,15 @@ void forward_impl(const ForwardArgs& args) {
 //----------------------------------------------------------------------------
 // Backward.
 
-// Per-(n, c) coefficients needed to recompute z and centre x: z = x * A + B, hc = x + D.
-struct BackwardCoefs {
-  std::vector<float> A, B, D;
-};
-
-inline BackwardCoefs backward_coefs(const BackwardArgs& args) {
+// The forward's coefficients, from its saved statistics.
+inline Coefs backward_coefs(const BackwardArgs& args) {
   const Problem& p = args.p;
   const int64_t Cg = p.C / p.G;
-  BackwardCoefs k{std::vector<float>(p.N * p.C), std::vector<float>(p.N * p.C), std::vector<float>(p.N * p.C)};
+  Coefs k(p.N * p.C);
   for (int64_t n = 0; n < p.N; ++n) {
     for (int64_t c = 0; c < p.C; ++c) {
-      const int64_t nc = n * p.C + c, ng = n * p.G + c / Cg;
-      pre_activation_coefs(args.params, n, c, p.C, args.mean[ng], args.rstd[ng], k.A[nc], k.B[nc]);
-      k.D[nc] = param_or(args.params.add, nc, 0.f) - args.mean[ng];
+      const int64_t ng = n * p.G + c / Cg;
+      pre_activation_coefs(args.params, n, c, p.C, args.mean[ng], args.rstd[ng], k);
     }
   }
   return k;
@@ -372,18 +375,17 @@ inline BackwardCoefs backward_coefs(const BackwardArgs& args) {
 
 // Phase 1 accumulation of one vector: P += dz, Q += dz * hc, H += hc.
 template <bool kSilu>
-inline void accumulate_grad_sums(const Vec& x, const Vec& dy, const Vec& a, const Vec& b, const Vec& d, int64_t m,
+inline void accumulate_grad_sums(const Vec& x, const Vec& dy, const Vec& kc, const Vec& a, const Vec& b, int64_t m,
                                  Vec& P, Vec& Q, Vec& H) {
-  const Vec dz = grad_pre_activation<kSilu>(x, dy, a, b);  // zero in padding lanes (dy = 0 there)
-  const Vec hc = keep(x + d, m);
+  const Vec hc = keep(x - kc, m);
+  const Vec dz = grad_pre_activation<kSilu>(at::vec::fmadd(hc, a, b), dy);  // zero in padding lanes (dy = 0 there)
   P += dz;
   Q = at::vec::fmadd(dz, hc, Q);
   H += hc;
 }
 
 // Phase 2: per group -> dx coefficients E, F, G per (n, c) and the [N, C] parameter gradients.
-inline void grad_coefficients(const BackwardArgs& args, const Chunking& ch, const BackwardCoefs& k,
-                              const float* P, const float* Q, const float* H, float* E, float* F, float* G) {
+inline void grad_coefficients(const BackwardArgs& args, const Chunking& ch, const float* P, const float* Q, const float* H, float* E, float* F, float* G) {
   const Problem& p = args.p;
   const Params& pr = args.params;
   const int64_t Cg = p.C / p.G;
@@ -416,7 +418,7 @@ inline void grad_coefficients(const BackwardArgs& args, const Chunking& ch, cons
         const double e = r * pr.weight[c] * s1;
         E[nc] = static_cast<float>(e);
         F[nc] = static_cast<float>(f);
-        G[nc] = static_cast<float>(k.D[nc] * f - r * m1);
+        G[nc] = static_cast<float>(-r * m1);
         const double sum_dz_xhat = r * sq[i];
         if (args.dadd) args.dadd[nc] = static_cast<float>(e * sp[i] + f * sh[i] - r * m1 * static_cast<double>(p.HW));
         if (args.dscale) args.dscale[nc] = static_cast<float>(pr.weight[c] * sum_dz_xhat + pr.bias[c] * sp[i]);
@@ -435,7 +437,7 @@ void backward_impl(const BackwardArgs& args) {
   const T* dy = static_cast<const T*>(args.dy);
   T* dx = static_cast<T*>(args.dx);
   const Chunking ch = make_chunking(p);
-  const BackwardCoefs k = backward_coefs(args);
+  const Coefs k = backward_coefs(args);
   const int64_t partials = p.N * ch.chunks * p.C;
   std::vector<float> P(partials), Q(partials), H(partials);
   std::vector<float> E(p.N * p.C), F(p.N * p.C), G(p.N * p.C);
@@ -443,12 +445,12 @@ void backward_impl(const BackwardArgs& args) {
   if (!p.channels_last) {
     at::parallel_for(0, p.N * p.C, grain(p.HW), [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
-        const Vec a(k.A[nc]), b(k.B[nc]), d(k.D[nc]);
+        const Vec kc(k.K[nc]), a(k.A[nc]), b(k.B[nc]);
         const T* xr = x + nc * p.HW;
         const T* gr = dy + nc * p.HW;
         Vec vp(0.f), vq(0.f), vh(0.f);
         for_each_vec(p.HW, [&](int64_t i, int64_t m) {
-          accumulate_grad_sums<kSilu>(load(xr + i, m), load(gr + i, m), a, b, d, m, vp, vq, vh);
+          accumulate_grad_sums<kSilu>(load(xr + i, m), load(gr + i, m), kc, a, b, m, vp, vq, vh);
         });
         P[nc] = hsum(vp);
         Q[nc] = hsum(vq);
@@ -458,19 +460,19 @@ void backward_impl(const BackwardArgs& args) {
   } else {
     at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / ch.chunks, kk = t % ch.chunks;
+        const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
         float* Pt = &P[t * p.C];
         float* Qt = &Q[t * p.C];
         float* Ht = &H[t * p.C];
-        const int64_t offset = (n * p.HW + kk * ch.rows) * p.C;
-        for (int64_t r = 0; r < ch.count(kk, p.HW); ++r) {
+        const int64_t offset = (n * p.HW + chunk * ch.rows) * p.C;
+        for (int64_t r = 0; r < ch.count(chunk, p.HW); ++r) {
           const T* xr = x + offset + r * p.C;
           const T* gr = dy + offset + r * p.C;
           for_each_vec(p.C, [&](int64_t c, int64_t m) {
             const int64_t nc = n * p.C + c;
             Vec vp = load(Pt + c, m), vq = load(Qt + c, m), vh = load(Ht + c, m);
-            accumulate_grad_sums<kSilu>(load(xr + c, m), load(gr + c, m), load(&k.A[nc], m), load(&k.B[nc], m),
-                                        load(&k.D[nc], m), m, vp, vq, vh);
+            accumulate_grad_sums<kSilu>(load(xr + c, m), load(gr + c, m), load(&k.K[nc], m), load(&k.A[nc], m),
+                                        load(&k.B[nc], m), m, vp, vq, vh);
             store(Pt + c, vp, m);
             store(Qt + c, vq, m);
             store(Ht + c, vh, m);
@@ -480,36 +482,37 @@ void backward_impl(const BackwardArgs& args) {
     });
   }
 
-  grad_coefficients(args, ch, k, P.data(), Q.data(), H.data(), E.data(), F.data(), G.data());
+  grad_coefficients(args, ch, P.data(), Q.data(), H.data(), E.data(), F.data(), G.data());
 
   if (!p.channels_last) {
     at::parallel_for(0, p.N * p.C, grain(p.HW), [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
-        const Vec a(k.A[nc]), b(k.B[nc]), e(E[nc]), f(F[nc]), g(G[nc]);
+        const Vec kc(k.K[nc]), a(k.A[nc]), b(k.B[nc]), e(E[nc]), f(F[nc]), g(G[nc]);
         const T* xr = x + nc * p.HW;
         const T* gr = dy + nc * p.HW;
         T* dxr = dx + nc * p.HW;
         for_each_vec(p.HW, [&](int64_t i, int64_t m) {
-          const Vec xv = load(xr + i, m);
-          const Vec dz = grad_pre_activation<kSilu>(xv, load(gr + i, m), a, b);
-          store(dxr + i, at::vec::fmadd(dz, e, at::vec::fmadd(xv, f, g)), m);
+          const Vec hc = load(xr + i, m) - kc;
+          const Vec dz = grad_pre_activation<kSilu>(at::vec::fmadd(hc, a, b), load(gr + i, m));
+          store(dxr + i, at::vec::fmadd(dz, e, at::vec::fmadd(hc, f, g)), m);
         });
       }
     });
   } else {
     at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / ch.chunks, kk = t % ch.chunks;
-        const int64_t offset = (n * p.HW + kk * ch.rows) * p.C;
-        for (int64_t r = 0; r < ch.count(kk, p.HW); ++r) {
+        const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
+        const int64_t offset = (n * p.HW + chunk * ch.rows) * p.C;
+        for (int64_t r = 0; r < ch.count(chunk, p.HW); ++r) {
           const T* xr = x + offset + r * p.C;
           const T* gr = dy + offset + r * p.C;
           T* dxr = dx + offset + r * p.C;
           for_each_vec(p.C, [&](int64_t c, int64_t m) {
             const int64_t nc = n * p.C + c;
-            const Vec xv = load(xr + c, m);
-            const Vec dz = grad_pre_activation<kSilu>(xv, load(gr + c, m), load(&k.A[nc], m), load(&k.B[nc], m));
-            store(dxr + c, at::vec::fmadd(dz, load(&E[nc], m), at::vec::fmadd(xv, load(&F[nc], m), load(&G[nc], m))), m);
+            const Vec hc = load(xr + c, m) - load(&k.K[nc], m);
+            const Vec dz = grad_pre_activation<kSilu>(at::vec::fmadd(hc, load(&k.A[nc], m), load(&k.B[nc], m)),
+                                                      load(gr + c, m));
+            store(dxr + c, at::vec::fmadd(dz, load(&E[nc], m), at::vec::fmadd(hc, load(&F[nc], m), load(&G[nc], m))), m);
           });
         }
       }

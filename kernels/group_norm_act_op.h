@@ -25,7 +25,7 @@ constexpr const char* kBackwardSchema =
 
 // A validated call: x in its kernel layout, parameters as float32 contiguous tensors.
 struct PreparedCall {
-  cpu::Problem problem;
+  Problem problem;
   at::MemoryFormat format;
   Tensor x;                             // contiguous in `format`
   Tensor weight, bias;                  // float32 [C]
@@ -36,14 +36,14 @@ inline bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
-inline cpu::ScalarType kernel_dtype(at::ScalarType t) {
+inline ScalarType kernel_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return cpu::ScalarType::kFloat;
-    case at::kBFloat16: return cpu::ScalarType::kBFloat16;
-    case at::kHalf: return cpu::ScalarType::kHalf;
+    case at::kFloat: return ScalarType::kFloat;
+    case at::kBFloat16: return ScalarType::kBFloat16;
+    case at::kHalf: return ScalarType::kHalf;
     default: TORCH_CHECK_TYPE(false, "group_norm_act: x must be float32, bfloat16 or float16, got ", t);
   }
-  return cpu::ScalarType::kFloat;
+  return ScalarType::kFloat;
 }
 
 inline Tensor stage_channel_param(const Tensor& t, const Tensor& x, const char* name) {
@@ -81,7 +81,7 @@ inline PreparedCall prepare_call(const Tensor& x, const Tensor& weight, const Te
                              x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   call.format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   call.x = x.contiguous(call.format);
-  call.problem = cpu::Problem{N, C, x.numel() / (N * C), num_groups, channels_last, silu, kernel_dtype(x.scalar_type())};
+  call.problem = Problem{N, C, x.numel() / (N * C), num_groups, channels_last, silu, kernel_dtype(x.scalar_type())};
   call.weight = stage_channel_param(weight, x, "weight");
   call.bias = stage_channel_param(bias, x, "bias");
   call.add = stage_sample_param(add, x, "add");
@@ -96,7 +96,7 @@ inline const float* data_or_null(const std::optional<Tensor>& t) {
 
 inline float* data_or_null_mut(std::optional<Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
 
-inline cpu::Params kernel_params(const PreparedCall& call) {
+inline Params kernel_params(const PreparedCall& call) {
   return {call.weight.data_ptr<float>(), call.bias.data_ptr<float>(), data_or_null(call.add),
           data_or_null(call.scale), data_or_null(call.shift)};
 }

@@ -1,0 +1,169 @@
+"""The C++/CUDA extension behind the 'cpu' and 'cuda' kernel backends (sources in kernels/).
+
+Implements the fused GroupNorm backend contract of d2o_fast/ops/group_norm_act.py:
+    available(device_type) -> bool
+    forward(x, weight, bias, add, scale, shift, num_groups, eps, silu) -> (y, mean, rstd)
+    backward(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, silu)
+        -> (dx, dweight, dbias, dadd, dscale, dshift)
+
+The extension is found in this order, once, on first use:
+  1. `d2o_fast._C`, built by `pip install --no-build-isolation -e .` (CUDA kernels included
+     when built with D2O_FAST_CUDA=1);
+  2. a JIT build of kernels/ with torch.utils.cpp_extension.load into a cache directory
+     ($D2O_FAST_EXTENSION_CACHE, default ~/.cache/d2o_fast/extensions/<torch version>); the
+     CUDA sources are added when torch sees a GPU;
+  3. otherwise available() is False and `unavailable_reason()` says why.
+D2O_FAST_NATIVE=0 disables the extension entirely (tests of the fallback path).
+
+The kernels register torch.ops.d2o_fast_native.group_norm_act_{forward,backward}; the Python
+module `extension()` returns also reports `with_cuda` and pins the CPU capability in tests.
+"""
+
+import hashlib
+import importlib
+import os
+import pathlib
+import warnings
+
+import torch
+
+from d2o_fast.ops.group_norm_act import GroupNormActError
+from d2o_fast.ops.native_sources import CPU_SOURCES, CUDA_MACRO, CUDA_SOURCES, CXX_FLAGS, LINK_FLAGS, NVCC_FLAGS
+
+KERNELS_DIR = pathlib.Path(__file__).resolve().parents[2] / 'kernels'
+FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+#----------------------------------------------------------------------------
+# Loading.
+
+_state = {'module': None, 'reason': None, 'tried': False}
+
+
+def _cache_dir(with_cuda):
+    root = os.environ.get('D2O_FAST_EXTENSION_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'd2o_fast',
+                                                                       'extensions')
+    digest = hashlib.sha256()
+    for name in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ()):
+        digest.update((KERNELS_DIR / name).read_bytes())
+    for header in sorted(KERNELS_DIR.glob('*.h')):
+        digest.update(header.read_bytes())
+    tag = f'torch{torch.__version__}-{"cuda" if with_cuda else "cpu"}-{digest.hexdigest()[:12]}'
+    path = os.path.join(root, tag.replace('+', '_'))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def jit_build(with_cuda=None, verbose=False):
+    """Compile kernels/ with torch.utils.cpp_extension.load (ninja) and return the module."""
+    from torch.utils import cpp_extension
+    if with_cuda is None:
+        with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+    missing = [n for n in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ()) if not (KERNELS_DIR / n).exists()]
+    if missing:
+        raise FileNotFoundError(f'kernel sources not found in {KERNELS_DIR}: {", ".join(missing)}')
+    sources = [str(KERNELS_DIR / n) for n in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
+    macro = [f'-D{CUDA_MACRO}'] if with_cuda else []
+    return cpp_extension.load(
+        name='d2o_fast_native_cuda' if with_cuda else 'd2o_fast_native_cpu', sources=sources,
+        extra_cflags=list(CXX_FLAGS) + macro, extra_cuda_cflags=list(NVCC_FLAGS) + macro,
+        extra_ldflags=list(LINK_FLAGS), build_directory=_cache_dir(with_cuda), verbose=verbose)
+
+
+def extension():
+    """The loaded extension module, or None (see unavailable_reason())."""
+    if _state['tried']:
+        return _state['module']
+    _state['tried'] = True
+    if os.environ.get('D2O_FAST_NATIVE', '1') == '0':
+        _state['reason'] = 'disabled by D2O_FAST_NATIVE=0'
+        return None
+    try:
+        _state['module'] = importlib.import_module('d2o_fast._C')
+        return _state['module']
+    except ImportError as e:
+        prebuilt_error = e
+    try:
+        _state['module'] = jit_build()
+    except Exception as e:  # no compiler, no sources, failed build: the other backends still work
+        _state['reason'] = (f'd2o_fast._C is not built ({prebuilt_error}) and the JIT build failed '
+                            f'({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e})')
+        warnings.warn(f'd2o_fast native kernels unavailable: {_state["reason"]}', RuntimeWarning)
+    return _state['module']
+
+
+def unavailable_reason():
+    """Why available() is False (None if the extension loaded)."""
+    extension()
+    return _state['reason']
+
+
+def available(device_type):
+    """True if the extension can run fused GroupNorm on tensors of `device_type` ('cpu' or 'cuda')."""
+    module = extension()
+    if module is None:
+        return False
+    if device_type == 'cpu':
+        return True
+    if device_type == 'cuda':
+        return bool(module.with_cuda) and torch.cuda.is_available()
+    return False
+
+#----------------------------------------------------------------------------
+# Validation (the C++ side checks again, but with less readable errors).
+
+def _check_device(device_type):
+    if not available(device_type):
+        raise GroupNormActError(f'native group_norm_act is not available for {device_type} tensors: '
+                                f'{unavailable_reason() or "extension built without CUDA"}')
+
+
+def _check_inputs(x, weight, bias, add, scale, shift, num_groups):
+    if x.dim() != 4:
+        raise GroupNormActError(f'native group_norm_act expects x of shape [N, C, H, W], got {list(x.shape)}')
+    if x.dtype not in FAST_DTYPES:
+        raise GroupNormActError(f'native group_norm_act supports float32/bfloat16/float16 x, got {x.dtype}')
+    if x.numel() == 0:
+        raise GroupNormActError(f'native group_norm_act got an empty x of shape {list(x.shape)}')
+    N, C = x.shape[:2]
+    if not isinstance(num_groups, int) or num_groups <= 0 or C % num_groups:
+        raise GroupNormActError(f'native group_norm_act: {C} channels cannot be split into {num_groups} groups')
+    for name, t in (('weight', weight), ('bias', bias)):
+        if t is None or t.shape != (C,) or not t.is_floating_point() or t.device != x.device:
+            raise GroupNormActError(f'native group_norm_act expects {name} as a float [{C}] tensor on {x.device}, '
+                                    f'got {None if t is None else (list(t.shape), t.dtype, str(t.device))}')
+    for name, t in (('add', add), ('scale', scale), ('shift', shift)):
+        if t is None:
+            continue
+        if tuple(t.shape) not in ((N, C), (N, C, 1, 1)) or not t.is_floating_point() or t.device != x.device:
+            raise GroupNormActError(f'native group_norm_act expects {name} as a float [{N}, {C}] tensor on {x.device}, '
+                                    f'got {(list(t.shape), t.dtype, str(t.device))}')
+
+
+def _check_statistics(x, mean, rstd, num_groups):
+    for name, t in (('mean', mean), ('rstd', rstd)):
+        if t.dtype != torch.float32 or t.numel() != x.shape[0] * num_groups or t.device != x.device:
+            raise GroupNormActError(f'native group_norm_act expects {name} as float32 [{x.shape[0]}, {num_groups}] '
+                                    f'on {x.device}, got {(list(t.shape), t.dtype, str(t.device))}')
+
+#----------------------------------------------------------------------------
+# The backend contract.
+
+def forward(x, weight, bias, add, scale, shift, num_groups, eps, silu):
+    _check_device(x.device.type)
+    _check_inputs(x, weight, bias, add, scale, shift, num_groups)
+    return torch.ops.d2o_fast_native.group_norm_act_forward(x, weight, bias, add, scale, shift, int(num_groups),
+                                                            float(eps), bool(silu))
+
+
+def backward(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, silu):
+    _check_device(x.device.type)
+    _check_inputs(x, weight, bias, add, scale, shift, num_groups)
+    _check_statistics(x, mean, rstd, num_groups)
+    if dy.shape != x.shape or dy.device != x.device:
+        raise GroupNormActError(f'native group_norm_act: dy {list(dy.shape)} on {dy.device} does not match '
+                                f'x {list(x.shape)} on {x.device}')
+    return tuple(torch.ops.d2o_fast_native.group_norm_act_backward(dy, x, weight, bias, add, scale, shift, mean, rstd,
+                                                                   int(num_groups), bool(silu)))
+
+
+__all__ = ['available', 'forward', 'backward', 'extension', 'unavailable_reason', 'jit_build', 'KERNELS_DIR']
