@@ -248,6 +248,13 @@ def _tensor(storage, storage_offset, size, stride, dtype=None, metadata=None):
     if not isinstance(storage_offset, int):
         raise UnsafePickleError(f'tensor storage offset is a {type(storage_offset).__name__}')
     size, stride = _int_tuple(size, 'size'), _int_tuple(stride, 'stride')
+    # set_() would silently grow the storage to fit, so check the view lies inside it.
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    extent = 0 if 0 in size else 1 + sum((n - 1) * s for n, s in zip(size, stride))
+    if (len(size) != len(stride) or storage_offset < 0 or min(size + stride, default=0) < 0
+            or (extent and (storage_offset + extent) * itemsize > untyped.nbytes())):
+        raise CheckpointError(f'malformed tensor: size {list(size)}, stride {list(stride)}, offset {storage_offset} '
+                              f'do not fit a storage of {untyped.nbytes() // itemsize} elements')
     try:
         tensor = torch.empty((0,), dtype=dtype).set_(untyped, storage_offset, size, stride)
     except RuntimeError as e:  # out-of-bounds view of the storage
