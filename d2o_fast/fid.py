@@ -26,9 +26,13 @@ from d2o_fast.metrics import (FULL_FID_IMAGES, MetricsError, fid_from_stats, gen
                               load_detector, load_stats, parse_seeds, save_stats)
 
 
-def _load_generator(path, device):
-    import d2o_fast
-    return d2o_fast.load_network(path).eval().to(device)
+def _load_generator(args, device):
+    """The one-step generator of --snapshot; --as-generator loads EDM teacher weights into D2OPrecond."""
+    from d2o_fast.checkpoint import CheckpointError, load_network
+    try:
+        return load_network(args.snapshot, device=device, as_class='D2OPrecond' if args.as_generator else None)
+    except CheckpointError as e:
+        raise MetricsError(f'cannot load the generator: {e}') from None
 
 
 def _seeds(args):
@@ -54,7 +58,7 @@ def cmd_calc(args):
         stats = image_stats(args.images, detector, batch_size=args.batch, num_images=args.num, device=device)
     else:
         seeds = _seeds(args)
-        net = _load_generator(args.snapshot, device)
+        net = _load_generator(args, device)
         stats = generator_stats(net, detector, seeds, batch_size=args.batch, device=device)
     if rank == 0:
         result = fid_from_stats(stats, ref)
@@ -72,7 +76,7 @@ def cmd_demo(args):
     from d2o_fast.metrics.fid import generate_uint8
     _rank, _world_size, device = init_distributed()
     seeds = list(_seeds(args))
-    net = _load_generator(args.snapshot, device)
+    net = _load_generator(args, device)
     images, labels = [], []
     for i in range(0, len(seeds), args.batch):
         batch = seeds[i:i + args.batch]
@@ -108,6 +112,7 @@ def build_parser():
     p.add_argument('--num', type=int, default=FULL_FID_IMAGES, help='number of images (default 50000)')
     p.add_argument('--batch', type=int, default=64, help='images per batch (default 64)')
     p.add_argument('--seeds', help='generator seeds, e.g. 0-49999 (default 0..num-1); overrides --num')
+    p.add_argument('--as-generator', action='store_true', help='load an EDM (teacher) pickle as a one-step D2O generator')
     p.set_defaults(run=cmd_calc)
 
     p = sub.add_parser('train-demo-classifier', help='train the demo digit classifier (demo FID, class accuracy)')
@@ -121,6 +126,7 @@ def build_parser():
     p.add_argument('--num', type=int, default=2000, help='number of images (default 2000)')
     p.add_argument('--batch', type=int, default=250, help='images per batch (default 250)')
     p.add_argument('--seeds', help='generator seeds (default 0..num-1); overrides --num')
+    p.add_argument('--as-generator', action='store_true', help='load an EDM (teacher) pickle as a one-step D2O generator')
     p.add_argument('--classifier', help='classifier weights (default: the shipped ones)')
     p.set_defaults(run=cmd_demo)
     return parser

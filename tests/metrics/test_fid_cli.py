@@ -2,9 +2,12 @@
 
 import numpy as np
 import pytest
+import torch
 
+from d2o_fast.checkpoint import save_snapshot
 from d2o_fast.fid import main
-from d2o_fast.metrics import fid_from_stats, image_stats, load_detector, load_stats
+from d2o_fast.metrics import fid_from_stats, generator_stats, image_stats, load_detector, load_stats
+from d2o_fast.nets import architecture_kwargs, build_network
 from tests.metrics.conftest import random_images, write_folder
 
 
@@ -37,3 +40,41 @@ def test_cli_errors_are_one_line(tmp_path, detector_path):
     with pytest.raises(SystemExit, match='cannot parse seeds'):
         main(['calc', '--snapshot', str(tmp_path / 'x.pt'), '--ref', str(tmp_path / 'r.npz'), '--detector',
               detector_path, '--seeds', '1-x'])
+
+
+def tiny_generator(res, label_dim):
+    kw = architecture_kwargs('ddpmpp', res, 3, label_dim=label_dim, model_channels=16, channel_mult=[1, 2],
+                             attn_resolutions=[], num_blocks=1, dropout=0.0)
+    net = build_network('D2OPrecond', **kw).eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)  # EDM zero-initialises output layers
+    return net
+
+
+def test_calc_from_snapshot_matches_generator_stats(tmp_path, capsys, detector_path):
+    net = tiny_generator(16, label_dim=3)
+    snapshot = str(tmp_path / 'gen.safetensors')
+    save_snapshot(net, snapshot)
+    ref_path = str(tmp_path / 'ref.npz')
+    main(['ref', '--data', write_folder(tmp_path / 'real', random_images(20, seed=0)), '--dest', ref_path,
+          '--detector', detector_path])
+    capsys.readouterr()
+    main(['calc', '--snapshot', snapshot, '--ref', ref_path, '--detector', detector_path, '--seeds', '3-10',
+          '--batch', '3'])
+    label, value = capsys.readouterr().out.strip().rsplit(': ', 1)
+    assert label == 'proxy FID (8 images)'
+    expected = fid_from_stats(generator_stats(net, load_detector(detector_path), range(3, 11)), load_stats(ref_path))
+    assert float(value) == pytest.approx(expected['fid'], rel=1e-4)
+    with pytest.raises(SystemExit, match='cannot load the generator'):
+        main(['calc', '--snapshot', str(tmp_path / 'none.safetensors'), '--ref', ref_path, '--detector',
+              detector_path, '--num', '4'])
+
+
+def test_demo_command_reports_fid_and_accuracy(tmp_path, capsys):
+    snapshot = str(tmp_path / 'gen.safetensors')
+    save_snapshot(tiny_generator(32, label_dim=10), snapshot)
+    main(['demo', '--snapshot', snapshot, '--num', '12', '--batch', '5'])
+    out = capsys.readouterr().out
+    assert out.startswith('demo FID (12 images): ') and 'class accuracy: 0.' in out
