@@ -24,15 +24,25 @@ def build_discriminator(kind, img_resolution, img_channels=3, c_dim=0, **kwargs)
 
     For 'projected' without `backbones`, the authors' pair for the resolution is used
     (vgg16_bn + tf_efficientnet_lite0 up to 32x32, deit_base_distilled + tf_efficientnet_lite0 above).
+    The result carries `build_kwargs`: the arguments that rebuild the same architecture. Its
+    state dict holds everything else (backbone weights, fixed projections, heads), so a resume
+    can rebuild with `build_discriminator(**d.build_kwargs, pretrained=False)` and load the state
+    dict without the pretrained weight files.
     """
     if kind == 'projected':
         if img_channels != 3:
             raise DiscriminatorConfigError(f'the projected discriminator needs RGB images (img_channels=3), got {img_channels}')
         kwargs.setdefault('backbones', DEFAULT_BACKBONES[32] if img_resolution <= 32 else DEFAULT_BACKBONES[64])
-        return ProjectedDiscriminator(c_dim=c_dim, **kwargs)
-    if kind == 'stylegan2':
-        return StyleGAN2Discriminator(img_resolution=img_resolution, img_channels=img_channels, c_dim=c_dim, **kwargs)
-    raise DiscriminatorConfigError(f'unknown discriminator kind {kind!r}; expected one of {list(DISCRIMINATOR_KINDS)}')
+        d = ProjectedDiscriminator(c_dim=c_dim, **kwargs)
+    elif kind == 'stylegan2':
+        kwargs.pop('pretrained', None)  # nothing pretrained in a from-scratch discriminator
+        kwargs.pop('weights_dir', None)
+        d = StyleGAN2Discriminator(img_resolution=img_resolution, img_channels=img_channels, c_dim=c_dim, **kwargs)
+    else:
+        raise DiscriminatorConfigError(f'unknown discriminator kind {kind!r}; expected one of {list(DISCRIMINATOR_KINDS)}')
+    d.build_kwargs = dict(kind=kind, img_resolution=img_resolution, img_channels=img_channels, c_dim=c_dim,
+                          **{k: v for k, v in kwargs.items() if k not in ('pretrained', 'weights_dir')})
+    return d
 
 
 __all__ = ['build_discriminator', 'DISCRIMINATOR_KINDS', 'DEFAULT_BACKBONES', 'ProjectedDiscriminator',

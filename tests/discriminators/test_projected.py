@@ -135,6 +135,20 @@ def test_projections_are_deterministic_buffers_and_resume_exactly():
         assert torch.equal(a(images()), c(images()))
 
 
+def test_rebuild_from_build_kwargs_without_weight_files():
+    torch.manual_seed(0)
+    a = build_discriminator('projected', 32, 3, 3, backbones=EFFNET, **SMALL)
+    assert a.build_kwargs == dict(kind='projected', img_resolution=32, img_channels=3, c_dim=3, backbones=EFFNET,
+                                  input_size=128)
+    torch.manual_seed(1)
+    b = build_discriminator(**a.build_kwargs, pretrained=False)
+    b.load_state_dict(a.state_dict())
+    a.eval(), b.eval()
+    c = one_hot([0, 2], 3)
+    with torch.no_grad():
+        assert torch.equal(a(images(), c), b(images(), c))
+
+
 def test_projection_seed_is_per_backbone():
     # Adding a backbone must not change another backbone's projections.
     d1 = ProjectedDiscriminator(EFFNET, **SMALL, projection_seed=3)

@@ -27,6 +27,15 @@ def test_shapes_and_gradients(resolution, c_dim):
     assert d.trainable_parameters() == list(d.parameters())
 
 
+def test_factory_build_kwargs_rebuild():
+    a = build_discriminator('stylegan2', 16, 3, 2, pretrained=True, **TINY)  # pretrained is meaningless here: ignored
+    assert a.build_kwargs == dict(kind='stylegan2', img_resolution=16, img_channels=3, c_dim=2, **TINY)
+    b = build_discriminator(**a.build_kwargs)
+    b.load_state_dict(a.state_dict())
+    x, c = torch.randn(4, 3, 16, 16), torch.eye(2)[[0, 1, 1, 0]]
+    assert torch.equal(a(x, c), b(x, c))
+
+
 def test_channel_widths_follow_base_and_max():
     d = StyleGAN2Discriminator(64, 3, channel_base=1024, channel_max=64)
     assert d.from_rgb.weight.shape[0] == 16  # 1024 // 64
