@@ -112,7 +112,8 @@ def build_parser():
     p.add_argument('--num', type=int, default=FULL_FID_IMAGES, help='number of images (default 50000)')
     p.add_argument('--batch', type=int, default=64, help='images per batch (default 64)')
     p.add_argument('--seeds', help='generator seeds, e.g. 0-49999 (default 0..num-1); overrides --num')
-    p.add_argument('--as-generator', action='store_true', help='load an EDM (teacher) pickle as a one-step D2O generator')
+    p.add_argument('--as-generator', action='store_true',
+                   help='load an EDM (teacher) pickle as a one-step D2O generator')
     p.set_defaults(run=cmd_calc)
 
     p = sub.add_parser('train-demo-classifier', help='train the demo digit classifier (demo FID, class accuracy)')
@@ -126,7 +127,8 @@ def build_parser():
     p.add_argument('--num', type=int, default=2000, help='number of images (default 2000)')
     p.add_argument('--batch', type=int, default=250, help='images per batch (default 250)')
     p.add_argument('--seeds', help='generator seeds (default 0..num-1); overrides --num')
-    p.add_argument('--as-generator', action='store_true', help='load an EDM (teacher) pickle as a one-step D2O generator')
+    p.add_argument('--as-generator', action='store_true',
+                   help='load an EDM (teacher) pickle as a one-step D2O generator')
     p.add_argument('--classifier', help='classifier weights (default: the shipped ones)')
     p.set_defaults(run=cmd_demo)
     return parser

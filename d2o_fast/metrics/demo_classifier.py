@@ -10,7 +10,8 @@ It follows the detector's calling convention (uint8 [N, 3, 32, 32] in; return_fe
 128-d penultimate features, otherwise class logits), so the FID machinery runs on it unchanged. The
 "demo FID" is the Frechet distance in these features to the demo dataset's statistics: a proxy for
 tracking the demo runs, not comparable with Inception FIDs. Light augmentation in training (small
-affine jitter, blur, pixel noise) keeps its judgement stable on imperfect generated digits.
+affine jitter, blur, contrast/tint/brightness, pixel noise) keeps its judgement stable on imperfect
+generated digits.
 """
 
 import functools
@@ -40,7 +41,8 @@ class DemoClassifier(torch.nn.Module):
         self.config = dict(channels=list(channels), feature_dim=feature_dim, num_classes=num_classes,
                            img_channels=img_channels)
         widths = [img_channels, *channels]
-        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(a, b, 3, padding=1, bias=False) for a, b in zip(widths, widths[1:]))
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(a, b, 3, padding=1, bias=False)
+                                         for a, b in zip(widths, widths[1:]))
         self.norms = torch.nn.ModuleList(torch.nn.BatchNorm2d(c) for c in channels)  # fast, stable training
         self.fc = torch.nn.Linear(channels[-1], feature_dim)
         self.head = torch.nn.Linear(feature_dim, num_classes)
@@ -67,7 +69,7 @@ class DemoClassifier(torch.nn.Module):
 # Training (deterministic: fixed split, fixed seed, CPU).
 
 def _augment(x, gen):
-    """Random small rotation/scale/shift, occasional blur, pixel noise; x in [-1, 1], [N, 3, 32, 32]."""
+    """Random small rotation/scale/shift, occasional blur, colour jitter, pixel noise; x in [-1, 1], [N, 3, 32, 32]."""
     n = x.shape[0]
     u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(n, *shape, generator=gen)  # noqa: E731
     angle, scale = u(-0.2, 0.2), u(0.9, 1.1)
@@ -78,6 +80,7 @@ def _augment(x, gen):
     x = F.grid_sample(x, grid, padding_mode='border', align_corners=False)
     blur = F.avg_pool2d(F.pad(x, [1, 1, 1, 1], mode='replicate'), 3, stride=1)
     x = torch.lerp(x, blur, u(0, 1, 1, 1, 1) * (torch.rand(n, 1, 1, 1, generator=gen) < 0.3))
+    x = x * (u(0.7, 1.1, 1, 1, 1) * u(0.9, 1.1, 3, 1, 1)) + u(-0.1, 0.1, 1, 1, 1)  # contrast, tint, brightness
     x = x + torch.randn(x.shape, generator=gen) * u(0, 0.1, 1, 1, 1)
     return x.clamp(-1, 1)
 
