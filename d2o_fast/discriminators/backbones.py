@@ -117,6 +117,7 @@ class VGGFeatures(nn.Sequential):
 
 
 class VGG16BNFeatures(nn.Module):
+    is_vit = False
     name = 'vgg16_bn'
     channels = (128, 256, 512, 512)
     reductions = (2, 4, 8, 16)
@@ -200,6 +201,7 @@ class InvertedResidual(nn.Module):
 
 
 class EfficientNetLite0Features(nn.Module):
+    is_vit = False
     name = 'tf_efficientnet_lite0'
     channels = (24, 40, 112, 320)
     reductions = (4, 8, 16, 32)
@@ -296,6 +298,7 @@ class TransformerBlock(nn.Module):
 
 
 class DeiTBaseDistilledFeatures(nn.Module):
+    is_vit = True  # token maps need the projection's ViT readout
     name = 'deit_base_distilled_patch16_224'
     channels = (768, 768, 768, 768)
     reductions = (16, 16, 16, 16)

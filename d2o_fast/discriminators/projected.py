@@ -94,6 +94,7 @@ class ViTReadout(nn.Module):
 
     def __init__(self, in_channels, out_channels=(96, 192, 384, 768), generator=None):
         super().__init__()
+        self.out_channels = tuple(out_channels)
         self.reduce = nn.ModuleList([FixedConv2d(in_channels, c, 1, generator=generator) for c in out_channels])
         c0, c1, _, c3 = out_channels
         self.resample = nn.ModuleList([
@@ -150,11 +151,11 @@ class FeatureNetwork(nn.Module):
         self.register_buffer('input_shift', shift, persistent=False)
         generator = projection_generator(projection_seed, name)
         channels = self.backbone.channels
-        if name.startswith('deit'):
+        if self.backbone.is_vit:
             if input_size != BACKBONE_INPUT_SIZE:
                 raise DiscriminatorConfigError(f'{name} needs input_size {BACKBONE_INPUT_SIZE}, got {input_size}')
             self.readout = ViTReadout(channels[0], generator=generator)
-            channels = (96, 192, 384, 768)
+            channels = self.readout.out_channels
         else:
             self.readout = None
         self.projection = RandomProjection(channels, width=width, expand=expand, generator=generator)
