@@ -12,6 +12,7 @@ import argparse
 
 from d2o_fast.cli import add_dataclass_flags, overrides_from_args, run_main
 from d2o_fast.engine.config import PRESETS, TrainConfig, resolve_config
+from d2o_fast.engine.distributed import is_main
 
 
 def parse_config(argv):
@@ -32,9 +33,18 @@ def main(argv):
     from d2o_fast.engine.loop import training_loop
     from d2o_fast.engine.setup import build_d2o_task
     result = training_loop(cfg, build_d2o_task)
-    if cfg.eval_demo and not result.stopped_by_signal:
-        from d2o_fast.engine.demo_eval import report_demo
+    if cfg.eval_demo and not result.stopped_by_signal and is_main():
         report_demo(cfg, result)
+
+
+def report_demo(cfg, result):
+    """The closing table of the demo: raw one step vs Heun teacher vs the fine-tuned generator."""
+    from d2o_fast.engine.setup import resolve_init_path
+    from d2o_fast.metrics.demo_report import compare_demo_generators, format_demo_table, write_demo_report
+    print(f'Evaluating on {cfg.eval_images} samples (demo-FID: Frechet distance in the demo classifier\'s features) ...', flush=True)
+    rows = compare_demo_generators(resolve_init_path(cfg.init), result.snapshot, num_images=cfg.eval_images)
+    write_demo_report(result.run_dir, rows)
+    print(format_demo_table(rows), flush=True)
 
 
 if __name__ == '__main__':

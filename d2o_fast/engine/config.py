@@ -46,7 +46,8 @@ class RunConfig:
 
     # Fields that say where and how a run is executed, not what it computes.
     EXECUTION_FIELDS = ('outdir', 'run_dir', 'resume', 'workers', 'profile', 'tick_kimg', 'snapshot_ticks',
-                        'checkpoint_ticks', 'keep_checkpoints', 'data_backend', 'kernels', 'compile', 'eval_demo')
+                        'checkpoint_ticks', 'keep_checkpoints', 'data_backend', 'kernels', 'compile', 'eval_demo',
+                        'eval_images')
 
     def resolved_batch_gpu(self, world_size):
         per_rank = self.batch // world_size
@@ -102,6 +103,7 @@ class TrainConfig(RunConfig):
     ema_mimg: float = 0.5                   # EMA half-life in millions of images ...
     ema_rampup: float = 0.05                # ... capped at this fraction of the images seen
     eval_demo: bool = False                 # demo: evaluate before/after and print the table
+    eval_images: int = 500                  # samples per generator in that table
 
     def validate(self):
         super().validate()
@@ -193,5 +195,5 @@ def resolve_config(preset='demo', cls=TrainConfig, presets=None, **overrides):
 PRETRAIN_PRESETS = {
     'demo': dict(data='demo', arch='ddpmpp', model_channels=32, channel_mult=(1, 2, 2), num_blocks=2,
                  attn_resolutions=(16,), dropout=0.1, cond=True, batch=64, lr=1e-3, kimg=400, ema_mimg=0.05,
-                 tick_kimg=10, snapshot_ticks=10, checkpoint_ticks=5, grid_size=100),
+                 tick_kimg=5, snapshot_ticks=10, checkpoint_ticks=2, grid_size=40),
 }

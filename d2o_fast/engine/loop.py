@@ -11,14 +11,14 @@ import time
 import torch
 
 from d2o_fast import ops
-from d2o_fast.checkpoint import save_snapshot
+from d2o_fast.checkpoint import CheckpointError, save_snapshot
 from d2o_fast.data import check_compatible, make_loader, open_dataset
 from d2o_fast.engine import distributed as dist
 from d2o_fast.engine.profiling import Profiler, nvtx_range
 from d2o_fast.engine.progress import Reporter, save_image_grid
 from d2o_fast.engine.run import StopRequest, choose_run_dir, mark_finished, write_config
 from d2o_fast.engine.setup import resolve_data_path
-from d2o_fast.engine.state import CheckpointError, capture_rng, load_state, restore_rng, save_state
+from d2o_fast.engine.state import capture_rng, load_state, restore_rng, save_state
 
 
 class TrainingError(RuntimeError):
@@ -195,10 +195,13 @@ def training_loop(cfg, build_task, quiet=False):
             if done or stop or images_seen >= meter.images0 + tick_images:
                 tick += 1
                 reporter.tick(dict(meter.summary(images_seen, total, device), tick=tick, step=step))
-                if done or stop or tick % cfg.snapshot_ticks == 0:
-                    last_snapshot = snapshot(f'{images_seen // 1000:06d}')
-                if done or stop or tick % cfg.checkpoint_ticks == 0:
-                    checkpoint()
+                if bad_steps:  # never overwrite good states with weights from a diverging stretch
+                    reporter.print(f'Not saving at {images_seen / 1000:.1f} kimg: the last {bad_steps} step(s) had non-finite losses')
+                else:
+                    if done or stop or tick % cfg.snapshot_ticks == 0:
+                        last_snapshot = snapshot(f'{images_seen // 1000:06d}')
+                    if done or stop or tick % cfg.checkpoint_ticks == 0:
+                        checkpoint()
                 meter.start(images_seen)
             if stop:
                 reporter.print(f'Stopped by signal {stop.signum} at {images_seen / 1000:.1f} kimg; state saved, '

@@ -9,7 +9,8 @@ import os
 import re
 import signal
 
-from d2o_fast.engine.state import CheckpointError, list_states
+from d2o_fast.checkpoint import CheckpointError
+from d2o_fast.engine.state import list_states
 
 FINISHED_MARKER = 'finished'
 

@@ -14,12 +14,10 @@ import re
 import numpy as np
 import torch
 
+from d2o_fast.checkpoint import CheckpointError
+
 STATE_PATTERN = 'training-state-{:09d}.pt'
 STATE_GLOB = 'training-state-*.pt'
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def atomic_torch_save(obj, path):

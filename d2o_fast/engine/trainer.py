@@ -32,6 +32,10 @@ class D2OTrainer:
         self.g_params = apply_freeze(self.G, cfg.freeze)
         self.d_params = list(self.D.trainable_parameters())
         self.G_ema = make_ema(self.G)
+        # The EMA is only ever run under no_grad; its flags mirror G's so that a D2O-F snapshot of it knows
+        # which tensors are trainable (stored) and which are frozen (taken from the base checkpoint).
+        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
+            p_ema.requires_grad_(p.requires_grad)
         self.g_dtype = autocast_dtype(cfg.precision, device)
         self.d_dtype = autocast_dtype(cfg.disc_precision, device)
 

@@ -1,0 +1,124 @@
+"""The training loop end to end on a tiny cifar-shaped problem: outputs, exact resume, faults."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from d2o_fast.checkpoint import CheckpointError, load_network
+from d2o_fast.engine import loop as loop_module
+from d2o_fast.engine.loop import TrainingError, training_loop
+from d2o_fast.engine.setup import build_d2o_task
+from d2o_fast.engine.state import list_states
+from tests.engine.conftest import tiny_config
+
+
+def final_state(run_dir):
+    return torch.load(list_states(run_dir)[-1], weights_only=True)
+
+
+def test_run_writes_everything_a_person_looks_at(tmp_path, tiny_init, tiny_data):
+    cfg = tiny_config(tmp_path, tiny_init, tiny_data, freeze=1)
+    result = training_loop(cfg, build_d2o_task, quiet=True)
+    files = sorted(os.listdir(result.run_dir))
+    assert result.images_seen == 64 and not result.stopped_by_signal
+    for name in ['config.json', 'log.txt', 'stats.jsonl', 'fakes-init.png', 'finished']:
+        assert name in files, name
+    assert any(f.startswith('events.out.tfevents') for f in files)
+    assert len(glob.glob(os.path.join(result.run_dir, 'fakes-0*.png'))) >= 1
+    assert len(list_states(result.run_dir)) == 2  # keep_checkpoints=2 of 4 ticks
+    ticks = [json.loads(line) for line in open(os.path.join(result.run_dir, 'stats.jsonl'))]
+    assert len(ticks) == 4 and ticks[-1]['kimg'] == pytest.approx(0.064)
+    for key in ['loss_g', 'loss_d', 'logit_real', 'logit_fake', 'img_per_sec', 'peak_mem_gb', 'eta_sec']:
+        assert key in ticks[-1]
+    assert any('r1_penalty' in t for t in ticks)  # R1 every 2 steps
+    config = json.load(open(os.path.join(result.run_dir, 'config.json')))
+    assert config['freeze'] == 1 and config['identity'] == cfg.identity()
+
+    # The D2O-F snapshot stores only trainable tensors + the base hash, and loads back as the full EMA.
+    snap = load_file(result.snapshot)
+    G = load_network(result.snapshot)
+    assert len(snap) < len(G.state_dict())
+    ema = final_state(result.run_dir)['trainer']['G_ema']
+    for k, v in G.state_dict().items():
+        torch.testing.assert_close(v, ema[k], rtol=0, atol=0)
+    # Frozen weights are still exactly the pre-trained ones; trainable ones moved.
+    init = load_network(tiny_init, as_class='D2OPrecond').state_dict()
+    assert torch.equal(G.state_dict()['model.enc.16x16_block0.conv0.weight'], init['model.enc.16x16_block0.conv0.weight'])
+    assert not torch.equal(G.state_dict()['model.enc.16x16_block0.affine.weight'], init['model.enc.16x16_block0.affine.weight'])
+
+
+def test_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, tiny_init, tiny_data):
+    straight = training_loop(tiny_config(tmp_path / 'a', tiny_init, tiny_data, kimg=0.048), build_d2o_task, quiet=True)
+
+    # Interrupted: the same command stopped after 0.016 kimg (a signal arrives), then run again.
+    cfg = tiny_config(tmp_path / 'b', tiny_init, tiny_data, kimg=0.048)
+    calls = {'n': 0}
+    original = loop_module.StopRequest.__bool__
+
+    def stop_after_two_steps(self):
+        calls['n'] += 1
+        return calls['n'] > 2 or original(self)
+    loop_module.StopRequest.__bool__ = stop_after_two_steps
+    try:
+        first = training_loop(cfg, build_d2o_task, quiet=True)
+    finally:
+        loop_module.StopRequest.__bool__ = original
+    assert first.stopped_by_signal and 0 < first.images_seen < 48
+    second = training_loop(cfg, build_d2o_task, quiet=True)
+    assert second.run_dir == first.run_dir and second.images_seen == 48
+
+    a, b = final_state(straight.run_dir), final_state(second.run_dir)
+    for part in ['G', 'G_ema', 'D']:
+        for k in a['trainer'][part]:
+            torch.testing.assert_close(b['trainer'][part][k], a['trainer'][part][k], rtol=0, atol=0, msg=f'{part}.{k}')
+
+
+def test_resume_refuses_another_architecture(tmp_path, tiny_init, tiny_data):
+    cfg = tiny_config(tmp_path, tiny_init, tiny_data, kimg=0.016)
+    result = training_loop(cfg, build_d2o_task, quiet=True)
+    other_init = tmp_path / 'other.safetensors'
+    from d2o_fast.checkpoint import save_snapshot
+    from tests.engine.conftest import tiny_edm
+    net = tiny_edm()
+    net2 = type(net)(**dict(net.init_kwargs, model_channels=12))
+    save_snapshot(net2, str(other_init))
+    with pytest.raises(CheckpointError, match='another architecture'):
+        training_loop(tiny_config(tmp_path, str(other_init), tiny_data, kimg=0.016, run_dir=result.run_dir), build_d2o_task, quiet=True)
+
+
+def test_non_finite_losses_stop_and_keep_the_last_good_state(tmp_path, tiny_init, tiny_data, monkeypatch):
+    cfg = tiny_config(tmp_path, tiny_init, tiny_data, kimg=0.032, nan_patience=3)
+    result = training_loop(cfg, build_d2o_task, quiet=True)
+    good = list_states(result.run_dir)[-1]
+    good_bytes = open(good, 'rb').read()
+    from d2o_fast.engine.trainer import D2OTrainer
+    real_step = D2OTrainer.step
+    monkeypatch.setattr(D2OTrainer, 'step', lambda self, *a, **k: dict(real_step(self, *a, **k), loss_g=float('nan')))
+    with pytest.raises(TrainingError, match='NaN/Inf for 3 consecutive steps'):
+        training_loop(tiny_config(tmp_path, tiny_init, tiny_data, kimg=0.064, nan_patience=3, run_dir=result.run_dir),
+                      build_d2o_task, quiet=True)
+    assert list_states(result.run_dir)[-1] == good and open(good, 'rb').read() == good_bytes
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, tiny_init, tiny_data, monkeypatch):
+    cfg = tiny_config(tmp_path, tiny_init, tiny_data, kimg=0.016)
+    result = training_loop(cfg, build_d2o_task, quiet=True)
+    good = list_states(result.run_dir)[-1]
+    good_bytes = open(good, 'rb').read()
+    import d2o_fast.engine.state as state_module
+
+    def broken_save(obj, f):
+        f.write(b'partial')
+        raise OSError('No space left on device')
+    monkeypatch.setattr(state_module.torch, 'save', broken_save)
+    with pytest.raises(OSError, match='No space left'):
+        training_loop(tiny_config(tmp_path, tiny_init, tiny_data, kimg=0.032, run_dir=result.run_dir), build_d2o_task, quiet=True)
+    assert list_states(result.run_dir) == [good] and open(good, 'rb').read() == good_bytes
+    assert not glob.glob(os.path.join(result.run_dir, '*.tmp*'))
