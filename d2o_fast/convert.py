@@ -45,7 +45,8 @@ def main(argv=None):
         return 1
     kw = info.init_kwargs
     print(f'converted {args.input} -> {args.output}')
-    print(f'  class   {info.class_name} (from {info.source_class_name}{", entry " + repr(info.key) if info.key else ""})')
+    entry = f', entry {info.key!r}' if info.key else ''
+    print(f'  class   {info.class_name} (from {info.source_class_name}{entry})')
     print(f'  arch    {architecture_name(kw)} ({kw.get("model_type")}, {kw["img_resolution"]}x{kw["img_resolution"]}, '
           f'label_dim {kw.get("label_dim", 0)}, augment_dim {kw.get("augment_dim", 0)})')
     print(f'  params  {sum(p.numel() for p in net.parameters()):,}')

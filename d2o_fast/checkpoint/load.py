@@ -16,7 +16,8 @@ from d2o_fast.checkpoint.errors import CheckpointError
 from d2o_fast.checkpoint.files import file_sha256
 from d2o_fast.checkpoint.safe_pickle import ModuleRecord, safe_load
 from d2o_fast.checkpoint.snapshot import is_snapshot_file, normalized_kwargs, read_snapshot
-from d2o_fast.checkpoint.transfer import assign_tensors, build_meta_network, network_from_record, overlay_tensors
+from d2o_fast.checkpoint.transfer import (assign_tensors, build_meta_network, check_target_class, network_from_record,
+                                          overlay_tensors)
 from d2o_fast.nets import PRECOND_CLASSES
 
 NETWORK_KEYS = ('ema', 'net')  # EDM saves 'ema'; D2O saves 'net' and 'ema' (generate.py reads 'ema')
@@ -43,8 +44,8 @@ def load_network(path, device='cpu', as_class=None, key=None):
         EDM weights into the one-step generator; the module tree is the same).
     key: the pickle's dict entry to read (default 'ema', then 'net').
     """
-    if as_class is not None and as_class not in PRECOND_CLASSES:
-        raise CheckpointError(f'unknown target class {as_class!r}; expected one of {", ".join(sorted(PRECOND_CLASSES))}')
+    if as_class is not None:
+        check_target_class(as_class)
     net = _load(os.fspath(path), as_class=as_class, key=key, depth=0)
     return net.to(device).eval()
 
@@ -74,13 +75,15 @@ def _pick_network(obj, key, where):
             raise CheckpointError(f'{where}: the pickle is a bare network, it has no entry {key!r}')
         return obj, None
     if not isinstance(obj, dict):
-        raise CheckpointError(f'{where}: the pickle holds a {type(obj).__name__}, expected a network or a dict with "ema"')
+        raise CheckpointError(f'{where}: the pickle holds a {type(obj).__name__}, '
+                              'expected a network or a dict with "ema"')
     if key is None:
         key = next((k for k in NETWORK_KEYS if isinstance(obj.get(k), ModuleRecord)), None)
     if key is None:
         nets = [k for k, v in obj.items() if isinstance(v, ModuleRecord) and v.class_name in PRECOND_CLASSES]
         if len(nets) != 1:
-            raise CheckpointError(f'{where}: cannot tell which entry is the network (entries: {", ".join(map(str, obj))}); pass key=')
+            raise CheckpointError(f'{where}: cannot tell which entry is the network '
+                                  f'(entries: {", ".join(map(str, obj))}); pass key=')
         key = nets[0]
     if key not in obj:
         raise CheckpointError(f'{where}: no entry {key!r} (entries: {", ".join(map(str, obj))})')
@@ -92,6 +95,7 @@ def _pick_network(obj, key, where):
 def _load_snapshot(path, sha256, as_class, depth):
     record, tensors = read_snapshot(path)
     class_name = as_class or record['class_name']
+    check_target_class(class_name)
     if record['trainable_only']:
         net = _load_base(path, record, class_name, depth)
         if normalized_kwargs(net.init_kwargs) != normalized_kwargs(record['init_kwargs']):
@@ -99,12 +103,11 @@ def _load_snapshot(path, sha256, as_class, depth):
                                   f'({net.init_kwargs} vs {record["init_kwargs"]})')
         overlay_tensors(net, tensors, path)
     else:
-        if class_name not in PRECOND_CLASSES:
-            raise CheckpointError(f'{path}: unsupported network class {class_name!r}')
         net = assign_tensors(build_meta_network(class_name, record['init_kwargs'], path), tensors, path)
-    net.checkpoint_info = CheckpointInfo(path=path, sha256=sha256, format='snapshot', source_class_name=record['class_name'],
-                                         class_name=type(net).__name__, init_kwargs=dict(net.init_kwargs),
-                                         metadata=record['metadata'], base=record['base'])
+    net.checkpoint_info = CheckpointInfo(path=path, sha256=sha256, format='snapshot',
+                                         source_class_name=record['class_name'], class_name=type(net).__name__,
+                                         init_kwargs=dict(net.init_kwargs), metadata=record['metadata'],
+                                         base=record['base'])
     return net.eval()
 
 

@@ -260,7 +260,8 @@ def _tensor(storage, storage_offset, size, stride, dtype=None, metadata=None):
     except RuntimeError as e:  # out-of-bounds view of the storage
         raise CheckpointError(f'malformed tensor: {e}') from None
     if metadata:
-        if not isinstance(metadata, dict) or not set(metadata) <= {'conj', 'neg'} or not all(isinstance(v, bool) for v in metadata.values()):
+        plain_bits = isinstance(metadata, dict) and set(metadata) <= {'conj', 'neg'}
+        if not plain_bits or not all(isinstance(v, bool) for v in metadata.values()):
             raise UnsafePickleError(f'refused tensor metadata {metadata!r}')
         torch._utils.set_tensor_metadata(tensor, metadata)
     return tensor
@@ -329,9 +330,11 @@ def _build_allow_list():
     allowed.update({name: _Allowed(fn, name) for name, fn in own.items()})
     allowed.update({f'torch.nn.modules.container.{name}': cls for name, cls in _CONTAINER_RECORDS.items()})
     allowed.update({'dnnlib.EasyDict': LoadedEasyDict, 'dnnlib.util.EasyDict': LoadedEasyDict})
-    allowed.update({'torch.Tensor': _TensorType('torch.Tensor'), 'torch.nn.parameter.Parameter': _TensorType('torch.nn.parameter.Parameter')})
-    allowed.update({'torch.Size': torch.Size, 'torch.device': torch.device, 'collections.OrderedDict': collections.OrderedDict})
-    for name in ('set', 'frozenset', 'list', 'dict', 'tuple', 'complex', 'slice', 'bytearray', 'bytes', 'object', 'int', 'float', 'bool'):
+    allowed.update({name: _TensorType(name) for name in ('torch.Tensor', 'torch.nn.parameter.Parameter')})
+    allowed.update({'torch.Size': torch.Size, 'torch.device': torch.device})
+    allowed['collections.OrderedDict'] = collections.OrderedDict
+    for name in ('set', 'frozenset', 'list', 'dict', 'tuple', 'complex', 'slice', 'bytearray', 'bytes', 'object', 'int',
+                 'float', 'bool'):
         allowed[f'builtins.{name}'] = getattr(builtins, name)
     allowed.update(_numpy_globals())
     return allowed

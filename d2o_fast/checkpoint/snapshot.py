@@ -17,6 +17,7 @@ import os
 
 import safetensors
 import safetensors.torch
+import torch
 
 from d2o_fast.checkpoint.errors import CheckpointError
 from d2o_fast.checkpoint.files import atomic_path, file_sha256
@@ -63,8 +64,20 @@ def snapshot_tensors(net, trainable_only=False):
     return {n: t.detach().cpu().contiguous() for n, t in state.items()}
 
 
+def unwrap(net):
+    """The network itself under torch.compile / DistributedDataParallel wrappers (their names prefix the state dict)."""
+    while True:
+        if hasattr(net, '_orig_mod'):
+            net = net._orig_mod
+        elif isinstance(net, torch.nn.parallel.DistributedDataParallel):
+            net = net.module
+        else:
+            return net
+
+
 def save_snapshot(net, path, metadata=None, base=None, trainable_only=False):
     """Write `net` to a .safetensors snapshot, atomically. Returns the header record written."""
+    net = unwrap(net)
     class_name = type(net).__name__
     if class_name not in PRECOND_CLASSES or not hasattr(net, 'init_kwargs'):
         raise CheckpointError(f'cannot snapshot a {class_name}; expected one of {", ".join(sorted(PRECOND_CLASSES))}')
@@ -109,6 +122,7 @@ def read_snapshot(path):
         raise CheckpointError(f'{path}: malformed snapshot header ({type(e).__name__}: {e})') from None
     if not isinstance(class_name, str) or not isinstance(init_kwargs, dict):
         raise CheckpointError(f'{path}: malformed snapshot header (class_name/init_kwargs)')
-    if trainable_only and not (isinstance(base, dict) and isinstance(base.get('path'), str) and isinstance(base.get('sha256'), str)):
+    base_ok = isinstance(base, dict) and isinstance(base.get('path'), str) and isinstance(base.get('sha256'), str)
+    if trainable_only and not base_ok:
         raise CheckpointError(f'{path}: trainable-only snapshot without a valid base record')
     return record, tensors

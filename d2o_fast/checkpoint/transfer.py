@@ -119,7 +119,8 @@ def record_init_kwargs(record, class_name, where):
     names = [p.name for p in inspect.signature(PRECOND_CLASSES[class_name].__init__).parameters.values()
              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
     if len(record.init_args) > len(names):
-        raise CheckpointError(f'{where}: {record.class_name} was built with {len(record.init_args)} positional arguments, expected at most {len(names)}')
+        raise CheckpointError(f'{where}: {record.class_name} was built with {len(record.init_args)} positional '
+                              f'arguments, expected at most {len(names)}')
     kwargs = dict(zip(names, record.init_args))
     for name, value in record.init_kwargs.items():
         if name in kwargs:
@@ -150,9 +151,17 @@ def check_record_matches(record, net, where):
                 raise CheckpointError(f'{label} has no counterpart in our {type(net).__name__}')
             continue
         for attr in CHECKED_ATTRIBUTES:
-            if attr in rec.attributes and hasattr(module, attr) and not _same(rec.attributes[attr], getattr(module, attr)):
+            if attr not in rec.attributes or not hasattr(module, attr):
+                continue
+            if not _same(rec.attributes[attr], getattr(module, attr)):
                 raise CheckpointError(f'{label} has {attr}={rec.attributes[attr]!r}, but the network built from its '
                                       f'arguments has {getattr(module, attr)!r}')
+
+
+def check_target_class(class_name):
+    if class_name not in PRECOND_CLASSES:
+        raise CheckpointError(f'unknown target class {class_name!r}; '
+                              f'expected one of {", ".join(sorted(PRECOND_CLASSES))}')
 
 
 def network_from_record(record, as_class=None, where='checkpoint'):
@@ -161,8 +170,7 @@ def network_from_record(record, as_class=None, where='checkpoint'):
         raise CheckpointError(f'{where}: unsupported network class {record.class_name!r}; '
                               f'supported: {", ".join(sorted(PRECOND_CLASSES))}')
     class_name = as_class or record.class_name
-    if class_name not in PRECOND_CLASSES:
-        raise CheckpointError(f'unknown target class {class_name!r}; expected one of {", ".join(sorted(PRECOND_CLASSES))}')
+    check_target_class(class_name)
     kwargs = record_init_kwargs(record, class_name, where)
     net = build_meta_network(class_name, kwargs, where)
     check_record_matches(record, net, where)

@@ -32,8 +32,9 @@ def write_pickle(path, obj, **dump_kwargs):
     """An EDM-layout pickle: a dict {'ema': net, ...} (or a bare net), persistence-style."""
     with persistence.fake_upstream_modules():
         if isinstance(obj, dict) and 'dataset_kwargs' not in obj:
-            obj = dict(obj, loss_fn=persistence.EDMLoss(), augment_pipe=None, dataset_kwargs=persistence.easy_dict(class_name='training.dataset.ImageFolderDataset',
-                                                                  path='cifar10.zip', use_labels=True, xflip=False))
+            dataset_kwargs = persistence.easy_dict(class_name='training.dataset.ImageFolderDataset', path='cifar10.zip',
+                                                   use_labels=True, xflip=False)
+            obj = dict(obj, loss_fn=persistence.EDMLoss(), augment_pipe=None, dataset_kwargs=dataset_kwargs)
         with open(path, 'wb') as f:
             persistence.dump(obj, f, **dump_kwargs)
     return path

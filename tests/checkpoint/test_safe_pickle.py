@@ -90,7 +90,8 @@ def _payloads(marker):
         'os.system': (_Reduce(os.system, f'touch {marker}'), f'refused global {os.system.__module__}.system'),
         'builtins.eval': (_Reduce(builtins.eval, f'open({str(marker)!r}, "w")'), 'refused global builtins.eval'),
         'subprocess.Popen': (_Reduce(subprocess.Popen, ['touch', str(marker)]), 'refused global subprocess.Popen'),
-        'builtins.getattr': (_Reduce(getattr, _Reduce(importlib.import_module, 'os'), 'system'), 'refused global builtins.getattr'),
+        'builtins.getattr': (_Reduce(getattr, _Reduce(importlib.import_module, 'os'), 'system'),
+                             'refused global builtins.getattr'),
     }
 
 

@@ -13,7 +13,8 @@ from d2o_fast.nets import apply_freeze
 from tests.checkpoint.checkpoint_fixtures import assert_same_weights, make_net, outputs, write_pickle
 
 
-@pytest.mark.parametrize('variant, class_name', [('ddpmpp-cond-aug', 'D2OPrecond'), ('skip-encoder-skip-decoder', 'EDMPrecond')])
+@pytest.mark.parametrize('variant, class_name', [('ddpmpp-cond-aug', 'D2OPrecond'),
+                                                 ('skip-encoder-skip-decoder', 'EDMPrecond')])
 def test_full_snapshot_round_trips_exactly(variant, class_name, tmp_path):
     net = make_net(variant, class_name)
     path = tmp_path / 'snap.safetensors'
@@ -43,6 +44,13 @@ def test_write_is_atomic_and_replaces(tmp_path):
         save_snapshot(first.model, path)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ['snap.safetensors']  # no temporary files left behind
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # torch.jit, imported by torch.compile
+def test_compiled_network_is_unwrapped(tmp_path):
+    net = make_net('ncsnpp-uncond', 'D2OPrecond')
+    save_snapshot(torch.compile(net), tmp_path / 'snap.safetensors')
+    assert_same_weights(load_network(tmp_path / 'snap.safetensors'), net)
 
 
 def _d2o_f_run(tmp_path):
