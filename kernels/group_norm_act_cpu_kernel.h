@@ -87,6 +87,14 @@
 
 #include "group_norm_act_cpu.h"
 
+// GCC false positives in at::vec's reduced-precision conversions (_mm512_undefined_* inputs)
+// and torch's CUDA-style '#pragma unroll'; the -Wpsabi note is about 32/64-byte vector
+// arguments of functions that never cross this translation unit's boundary.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -217,26 +225,33 @@ inline void pre_activation_coefs(const Params& pr, int64_t n, int64_t c, int64_t
 //----------------------------------------------------------------------------
 // Forward.
 
-// Phase 1, NCHW: mean and M2 of one contiguous row, two-pass (the row is L1/L2 resident).
+// Phase 1, NCHW: mean and M2 of one contiguous row, corrected two-pass (the row is L1/L2
+// resident for the second pass): the second pass also sums the residuals d = x - mean to
+// remove the rounding error of the first-pass mean (matters when |mean| >> std).
 template <typename T>
 inline void row_moments(const T* x, int64_t n, float& mean, float& m2) {
   Vec s(0.f);
   for_each_vec(n, [&](int64_t i, int64_t m) { s += load(x + i, m); });
-  mean = hsum(s) / static_cast<float>(n);
-  const Vec mv(mean);
-  Vec q(0.f);
+  const float mean0 = hsum(s) / static_cast<float>(n);
+  const Vec mv(mean0);
+  Vec q(0.f), r(0.f);
   for_each_vec(n, [&](int64_t i, int64_t m) {
     const Vec d = keep(load(x + i, m) - mv, m);
+    r += d;
     q = at::vec::fmadd(d, d, q);
   });
-  m2 = hsum(q);
+  const float residual = hsum(r);
+  mean = mean0 + residual / static_cast<float>(n);
+  m2 = std::max(hsum(q) - residual * residual / static_cast<float>(n), 0.f);
 }
 
-// Phase 1, NHWC: per-channel mean and M2 over `rows` rows of C channels, two-pass.
+// Phase 1, NHWC: per-channel mean and M2 over `rows` rows of C channels, corrected two-pass
+// (the chunk is L2 resident). `residual` is scratch of C floats.
 template <typename T>
-inline void chunk_moments(const T* x, int64_t rows, int64_t C, float* mean, float* m2) {
+inline void chunk_moments(const T* x, int64_t rows, int64_t C, float* mean, float* m2, float* residual) {
   std::fill(mean, mean + C, 0.f);
   std::fill(m2, m2 + C, 0.f);
+  std::fill(residual, residual + C, 0.f);
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = x + r * C;
     for_each_vec(C, [&](int64_t c, int64_t m) { store(mean + c, load(mean + c, m) + load(row + c, m), m); });
@@ -247,9 +262,15 @@ inline void chunk_moments(const T* x, int64_t rows, int64_t C, float* mean, floa
     const T* row = x + r * C;
     for_each_vec(C, [&](int64_t c, int64_t m) {
       const Vec d = load(row + c, m) - load(mean + c, m);
+      store(residual + c, load(residual + c, m) + d, m);
       store(m2 + c, at::vec::fmadd(d, d, load(m2 + c, m)), m);
     });
   }
+  for_each_vec(C, [&](int64_t c, int64_t m) {
+    const Vec res = load(residual + c, m);
+    store(mean + c, load(mean + c, m) + res * inv, m);
+    store(m2 + c, at::vec::maximum(load(m2 + c, m) - res * res * inv, Vec(0.f)), m);
+  });
 }
 
 // Phase 2: Chan-combine the chunk moments of each group -> mean, rstd, and K, A, B per (n, c).
@@ -314,10 +335,11 @@ void forward_impl(const ForwardArgs& args) {
     });
   } else {
     at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> residual(p.C);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
         chunk_moments(x + (n * p.HW + chunk * ch.rows) * p.C, ch.count(chunk, p.HW), p.C, &cmean[t * p.C],
-                      &cm2[t * p.C]);
+                      &cm2[t * p.C], residual.data());
       }
     });
   }

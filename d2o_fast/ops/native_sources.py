@@ -10,7 +10,7 @@ CPU_SOURCES = ('extension.cpp', 'group_norm_act_cpu.cpp', 'group_norm_act_cpu_de
                'group_norm_act_cpu_avx2.cpp', 'group_norm_act_cpu_avx512.cpp')
 CUDA_SOURCES = ('group_norm_act_cuda_op.cpp', 'group_norm_act_cuda.cu')
 # Portable flags only: the wide-ISA kernels select their ISA in the source and are dispatched at run time.
-CXX_FLAGS = ('-O3', '-g0', '-fopenmp')
+CXX_FLAGS = ('-O3', '-g0', '-fopenmp', '-Wno-unknown-pragmas')  # torch headers use CUDA's '#pragma unroll'
 NVCC_FLAGS = ('-O3', '-std=c++17', '--expt-relaxed-constexpr')
 LINK_FLAGS = ('-fopenmp',)
 # Defined when the CUDA sources are part of the build.
