@@ -79,15 +79,19 @@ class ResidualBlock(nn.Module):
 
 
 def minibatch_stddev(x, group_size=4, num_channels=1):
-    """Append the per-group std of features (averaged over channels/pixels) as extra channels."""
+    """Append the per-group std of features (averaged over channels/pixels) as extra channels.
+
+    Groups are runs of consecutive samples (StyleGAN2 strides them instead), so that splitting a batch
+    over data-parallel ranks in multiples of the group size leaves every group, and the result, unchanged.
+    """
     B, C, H, W = x.shape
     G = min(group_size, B)
     if B % G != 0:
         raise DiscriminatorConfigError(f'batch size {B} must be divisible by the minibatch-std group size {G}')
     F_ = num_channels
-    y = x.reshape(G, -1, F_, C // F_, H, W).float()
-    y = (y - y.mean(dim=0)).square().mean(dim=0).add(1e-8).sqrt()  # [B/G, F, C/F, H, W]
-    y = y.mean(dim=[2, 3, 4]).reshape(-1, F_, 1, 1).repeat(G, 1, H, W).to(x.dtype)
+    y = x.reshape(-1, G, F_, C // F_, H, W).float()
+    y = (y - y.mean(dim=1, keepdim=True)).square().mean(dim=1).add(1e-8).sqrt()  # [B/G, F, C/F, H, W]
+    y = y.mean(dim=[2, 3, 4]).reshape(-1, F_, 1, 1).repeat_interleave(G, dim=0).expand(B, F_, H, W).to(x.dtype)
     return torch.cat([x, y], dim=1)
 
 

@@ -58,6 +58,15 @@ def average_gradients(params):
         offset += n
 
 
+@torch.no_grad()
+def broadcast_module(module, src=0):
+    """Give every rank rank-0's parameters and buffers (as DDP does at construction)."""
+    if not dist.is_initialized() or get_world_size() == 1:
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src=src)
+
+
 def all_reduce_mean(value, device):
     """Mean of a Python float over ranks."""
     if not dist.is_initialized():

@@ -103,13 +103,17 @@ class TickMeter:
 
 def training_loop(cfg, build_task, quiet=False):
     rank, world, device = dist.init_distributed()
-    torch.manual_seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank ...
     ops.set_backend(cfg.kernels)
     batch_gpu, rounds = cfg.resolved_batch_gpu(world)
 
     dataset = open_dataset(resolve_data_path(cfg.data))
     task = build_task(cfg, dataset, device, batch_gpu, rounds)
     trainer, net = task.trainer, task.trainer.G
+    for module in (trainer.G, trainer.G_ema, getattr(trainer, 'D', None)):
+        if module is not None:
+            dist.broadcast_module(module)
+    torch.manual_seed(cfg.seed + rank)  # ... and independent randomness per rank from here on
     check_compatible(dataset, net.img_resolution, net.img_channels, net.label_dim)
     loader = make_loader(dataset, backend=cfg.data_backend, batch_per_device=batch_gpu * rounds, seed=cfg.seed, rank=rank,
                          world_size=world, xflip=cfg.xflip, label_dim=net.label_dim, device=device, num_workers=cfg.workers)
