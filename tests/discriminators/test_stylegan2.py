@@ -55,10 +55,12 @@ def test_minibatch_stddev_matches_definition():
     x = torch.randn(8, 6, 4, 4)
     out = minibatch_stddev(x, group_size=4)
     assert out.shape == (8, 7, 4, 4) and torch.equal(out[:, :6], x)
-    groups = x.reshape(4, 2, 6, 4, 4)  # sample i belongs to group i % 2
-    expected = (groups.var(dim=0, unbiased=False) + 1e-8).sqrt().mean(dim=[1, 2, 3])
+    groups = x.reshape(2, 4, 6, 4, 4)  # sample i belongs to group i // 4 (consecutive samples)
+    expected = (groups.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=[1, 2, 3])
     for i in range(8):
-        torch.testing.assert_close(out[i, 6], expected[i % 2].expand(4, 4))
+        torch.testing.assert_close(out[i, 6], expected[i // 4].expand(4, 4))
+    # Splitting the batch in multiples of the group size (data parallelism) changes nothing.
+    torch.testing.assert_close(torch.cat([minibatch_stddev(x[:4]), minibatch_stddev(x[4:])]), out)
     with pytest.raises(DiscriminatorConfigError, match='divisible'):
         minibatch_stddev(torch.randn(6, 2, 4, 4), group_size=4)
 
