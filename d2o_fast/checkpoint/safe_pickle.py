@@ -219,7 +219,7 @@ def _load_storage(data):
     if not isinstance(data, (bytes, bytearray)):
         raise UnsafePickleError(f'storage payload is a {type(data).__name__}, expected bytes')
     try:
-        storage = torch.load(io.BytesIO(bytes(data)), weights_only=True, map_location='cpu')
+        storage = torch.load(io.BytesIO(data), weights_only=True, map_location='cpu')
     except Exception as e:
         raise CheckpointError(f'could not read a tensor storage: {type(e).__name__}: {e}') from None
     if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
