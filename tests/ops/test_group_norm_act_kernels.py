@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from d2o_fast.ops.group_norm_act import _Reference, group_norm_act_reference
+from d2o_fast.ops.group_norm_act import ReferenceBackend, group_norm_act_reference
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 
@@ -47,7 +47,7 @@ def _native_backend():
     return native
 
 
-BACKENDS = {'reference': lambda: _Reference, 'triton': _triton_backend, 'native': _native_backend}
+BACKENDS = {'reference': lambda: ReferenceBackend, 'triton': _triton_backend, 'native': _native_backend}
 
 
 @pytest.fixture(params=list(BACKENDS), scope='module')
