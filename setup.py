@@ -91,6 +91,7 @@ setup(
         'scipy',
         'scikit-learn',
         'tensorboard',
+        'matplotlib',
         'nvidia-ml-py',
         'triton; platform_system == "Linux"',
         'nvidia-dali-cuda130; platform_system == "Linux" and platform_machine == "x86_64"',

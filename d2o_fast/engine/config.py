@@ -28,7 +28,10 @@ class RunConfig:
     batch_gpu: Optional[int] = None         # per-device batch; None = batch / ranks
     kimg: float = 5000                      # training duration in thousands of images
     precision: str = 'auto'                 # the U-Net: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32
-    compile: bool = False
+    compile: bool = False                   # torch.compile G and D forward (static shapes, fullgraph); R1 stays eager
+    channels_last: bool = False             # NHWC memory layout for G and D
+    cudagraphs: bool = False                # CUDA only: compile mode='reduce-overhead' (implies --compile)
+    checkpointing: bool = False             # recompute U-Net block activations in backward (less memory, more compute)
     kernels: str = 'auto'                   # fused GroupNorm backend: auto, triton, cuda, cpu, torch
     data_backend: str = 'auto'              # auto, native, dali
     workers: int = 2
@@ -46,8 +49,9 @@ class RunConfig:
 
     # Fields that say where and how a run is executed, not what it computes.
     EXECUTION_FIELDS = ('outdir', 'run_dir', 'resume', 'workers', 'profile', 'tick_kimg', 'snapshot_ticks',
-                        'checkpoint_ticks', 'keep_checkpoints', 'data_backend', 'kernels', 'compile', 'eval_demo',
-                        'eval_images')
+                        'checkpoint_ticks', 'keep_checkpoints', 'data_backend', 'kernels', 'compile', 'channels_last',
+                        'cudagraphs', 'checkpointing', 'eval_demo',
+                        'eval_images', 'disc_channels_last', 'disc_pair_forward')
 
     def resolved_batch_gpu(self, world_size):
         per_rank = self.batch // world_size
@@ -85,6 +89,7 @@ class TrainConfig(RunConfig):
     """D2O / D2O-F fine-tuning of a pretrained EDM U-Net into a one-step generator."""
     init: str = 'demo'                      # EDM .pkl, D2O .pkl, project snapshot, 'random', or 'demo'
     arch: Optional[str] = None              # architecture for --init random: ddpmpp, ncsnpp, adm
+    reinit: bool = False                    # keep --init's architecture, re-initialise its weights (no pre-training)
     cond: Optional[bool] = None             # None: follow the network's label_dim
     freeze: int = 1                         # D2O-F freeze level 0-3 (0 = D2O)
 
@@ -94,6 +99,8 @@ class TrainConfig(RunConfig):
     disc_weights: Optional[str] = None      # folder with timm-format backbone weights (offline clusters)
     disc_channels: int = 64                 # stylegan2: channel width (max)
     disc_precision: str = 'fp32'            # fp32 (the authors'), bf16
+    disc_channels_last: bool = False        # projected: NHWC backbones and heads (faster on CPU with bf16)
+    disc_pair_forward: bool = True          # D step: fakes and reals in one discriminator pass (same result)
 
     # Optimisation (Adam betas (0, 0.99), eps 1e-8 for both networks).
     lr: float = 1e-4
@@ -114,6 +121,7 @@ class TrainConfig(RunConfig):
             (self.lr > 0 and self.dlr > 0, '--lr and --dlr must be positive'),
             (self.r1_interval >= 1 and self.r1_gamma >= 0, '--r1-interval must be >= 1 and --r1-gamma >= 0'),
             (self.init != 'random' or self.arch in ('ddpmpp', 'ncsnpp', 'adm'), '--init random needs --arch ddpmpp, ncsnpp or adm'),
+            (not (self.reinit and self.freeze), '--reinit trains from random weights: freezing them (--freeze > 0) makes no sense'),
         ]
         for ok, message in checks:
             if not ok:
@@ -194,6 +202,6 @@ def resolve_config(preset='demo', cls=TrainConfig, presets=None, **overrides):
 # EDM pre-training presets: the small digits model that ships as the demo's starting point.
 PRETRAIN_PRESETS = {
     'demo': dict(data='demo', arch='ddpmpp', model_channels=32, channel_mult=(1, 2, 2), num_blocks=2,
-                 attn_resolutions=(16,), dropout=0.1, cond=True, batch=64, lr=1e-3, kimg=400, ema_mimg=0.05,
-                 tick_kimg=5, snapshot_ticks=10, checkpoint_ticks=2, grid_size=40),
+                 attn_resolutions=(16,), dropout=0.1, cond=True, batch=32, lr=1e-3, kimg=60, ema_mimg=0.05,
+                 precision='bf16', tick_kimg=2, snapshot_ticks=5, checkpoint_ticks=1, grid_size=40),
 }

@@ -155,6 +155,8 @@ def training_loop(cfg, build_task, quiet=False):
                           trainable_only=task.partial_snapshots)
             grid = save_image_grid(sample_images(task.sample, trainer.G_ema, grid_z, grid_labels), os.path.join(run_dir, f'fakes-{tag}.png'))
             reporter.image('fakes', grid, images_seen / 1000)
+            if task.evaluate is not None:
+                reporter.metrics(dict(task.evaluate(trainer.G_ema), kimg=images_seen / 1000))
         dist.barrier()
         return path
 
@@ -170,6 +172,8 @@ def training_loop(cfg, build_task, quiet=False):
 
     if images_seen == 0 and dist.is_main():
         save_image_grid(sample_images(task.sample, trainer.G_ema, grid_z, grid_labels), os.path.join(run_dir, 'fakes-init.png'))
+        if task.evaluate is not None:
+            reporter.metrics(dict(task.evaluate(trainer.G_ema), kimg=0.0))
 
     total = int(cfg.kimg * 1000)
     tick_images = max(int(cfg.tick_kimg * 1000), 1)

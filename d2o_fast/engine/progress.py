@@ -97,6 +97,18 @@ class Reporter:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in stats.items() if isinstance(v, (int, float))}, step=step)
 
+    def metrics(self, values):
+        """Evaluation results (e.g. demo-FID at a snapshot): printed, appended to metrics.jsonl, TensorBoard."""
+        if not self.enabled:
+            return
+        self.print('metrics: ' + '  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in values.items()))
+        with open(os.path.join(self.run_dir, 'metrics.jsonl'), 'a') as f:
+            f.write(json.dumps(dict(values, timestamp=time.time())) + '\n')
+        if self._tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and k != 'kimg':
+                    self._tb.add_scalar(f'metrics/{k}', v, global_step=int(values.get('kimg', 0) * 1000))
+
     def image(self, tag, path, kimg):
         if self.enabled and self._tb is not None:
             self._tb.add_image(tag, np.asarray(PIL.Image.open(path).convert('RGB')), global_step=int(kimg * 1000), dataformats='HWC')

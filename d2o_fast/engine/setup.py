@@ -30,6 +30,7 @@ class Task:
     sample: Callable                 # sample(net, z, labels) -> images in [-1, 1] for the progress grid
     base_path: Optional[str] = None  # checkpoint the frozen weights come from (D2O-F partial snapshots)
     partial_snapshots: bool = False
+    evaluate: Optional[Callable] = None  # evaluate(ema_net) -> dict of metrics, at every snapshot
 
 
 def resolve_init_path(init):
@@ -47,7 +48,13 @@ def _stem(path):
 #----------------------------------------------------------------------------
 
 def build_generator(cfg, dataset):
-    """The one-step generator: a D2OPrecond from --init (EDM / D2O pickle or snapshot) or random."""
+    """The one-step generator: a D2OPrecond from --init (EDM / D2O pickle or snapshot) or random.
+    Dropout is off, as in the authors' runs (--dropout=0)."""
+    G, path = _load_or_build_generator(cfg, dataset)
+    return G.set_dropout(0), path
+
+
+def _load_or_build_generator(cfg, dataset):
     if cfg.init == 'random':
         label_dim = dataset.label_dim if cfg.cond in (None, True) else 0
         kwargs = architecture_kwargs(cfg.arch, dataset.resolution, dataset.channels, label_dim, dropout=0)
@@ -56,6 +63,8 @@ def build_generator(cfg, dataset):
     G = load_network(path, as_class='D2OPrecond')
     if cfg.cond is True and G.label_dim == 0:
         raise SetupError(f'--cond requested but the network in {path} is unconditional')
+    if cfg.reinit:  # the paper's negative control: the same architecture without generative pre-training
+        return build_network('D2OPrecond', **G.init_kwargs), None
     return G, path
 
 
@@ -66,7 +75,7 @@ def one_step_sample(net, z, labels):
 def build_d2o_task(cfg, dataset, device, batch_gpu, rounds):
     G, base_path = build_generator(cfg, dataset)
     D = build_discriminator(cfg.disc, img_resolution=G.img_resolution, img_channels=G.img_channels, c_dim=G.label_dim,
-                            **_disc_kwargs(cfg))
+                            **discriminator_kwargs(cfg))
     trainer = D2OTrainer(G, D, cfg, device, batch_gpu, rounds)
     header = [
         f'Generator: D2OPrecond/{G.init_kwargs.get("model_type")} from {base_path or "random init"}, freeze level {cfg.freeze}',
@@ -74,12 +83,19 @@ def build_d2o_task(cfg, dataset, device, batch_gpu, rounds):
         f'Discriminator: {cfg.disc}, {sum(p.numel() for p in trainer.d_params):,} trainable parameters',
     ]
     desc = f'{cfg.preset}-{_stem(cfg.data)}-freeze{cfg.freeze}-{cfg.disc}-batch{cfg.batch}'
-    return Task(trainer, desc, header, one_step_sample, base_path, partial_snapshots=cfg.freeze > 0 and base_path is not None)
+    evaluate = None
+    if cfg.eval_demo:
+        from d2o_fast.metrics.demo_report import one_step_demo_metrics
+        evaluate = one_step_demo_metrics(cfg.eval_images)
+    return Task(trainer, desc, header, one_step_sample, base_path, partial_snapshots=cfg.freeze > 0 and base_path is not None,
+                evaluate=evaluate)
 
 
-def _disc_kwargs(cfg):
+def discriminator_kwargs(cfg):
+    """build_discriminator kwargs of the config (besides kind, resolution, channels and labels)."""
     if cfg.disc == 'projected':
-        return dict(backbones=tuple(cfg.disc_backbones), weights_dir=cfg.disc_weights, pretrained=True)
+        return dict(backbones=tuple(cfg.disc_backbones), weights_dir=cfg.disc_weights, pretrained=True,
+                    channels_last=cfg.disc_channels_last)
     return dict(channel_max=cfg.disc_channels)
 
 

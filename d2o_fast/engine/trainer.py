@@ -5,9 +5,14 @@ generator keyed by (seed, step, phase) for the whole global batch, and each rank
 result does not depend on the number of processes or on where a run was resumed.
 """
 
+import copy
+import time
+
 import torch
 
 from d2o_fast.engine import distributed as dist
+from d2o_fast.engine.compile import (apply_activation_checkpointing, channels_last_input, check_speed_options, compile_forward,
+                                     mark_step_begin, to_channels_last)
 from d2o_fast.engine.ema import ema_beta, make_ema, update_ema
 from d2o_fast.engine.profiling import nvtx_range
 from d2o_fast.engine.optim import autocast_context, autocast_dtype, finish_gradients, make_adam
@@ -22,6 +27,7 @@ class D2OTrainer:
     """Owns G, its EMA, D, both optimizers and the grad scaler; `step()` runs one iteration."""
 
     def __init__(self, G, D, cfg, device, batch_gpu, rounds):
+        check_speed_options(cfg, device)
         self.cfg = cfg
         self.device = device
         self.batch_gpu = batch_gpu
@@ -36,6 +42,13 @@ class D2OTrainer:
         # which tensors are trainable (stored) and which are frozen (taken from the base checkpoint).
         for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
             p_ema.requires_grad_(p.requires_grad)
+        # Layout and checkpointing are applied after the EMA copy: the EMA never runs backward and stays NCHW,
+        # the layout snapshots store. Both keep the same Parameter objects, so the optimizers below see them.
+        if cfg.checkpointing:
+            apply_activation_checkpointing(self.G)
+        if cfg.channels_last:
+            to_channels_last(self.G)
+            to_channels_last(self.D)
         self.g_dtype = autocast_dtype(cfg.precision, device)
         self.d_dtype = autocast_dtype(cfg.disc_precision, device)
 
@@ -45,11 +58,50 @@ class D2OTrainer:
         self.opt_d = make_adam(self.d_params, cfg.dlr * ratio, (ADAM_BETAS[0], ADAM_BETAS[1] ** ratio), device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.g_dtype == torch.float16)
 
-        # Forward passes may be compiled; R1's double backward always runs the eager discriminator.
+        # Forward passes may be compiled (d2o_fast/engine/compile.py); R1's double backward always runs the
+        # eager discriminator.
+        self.compiled = cfg.compile or cfg.cudagraphs
         self.G_fwd, self.D_fwd = self.G, self.D
-        if cfg.compile:
-            self.G_fwd = torch.compile(self.G, dynamic=False)
-            self.D_fwd = torch.compile(self.D, dynamic=False)
+        if self.compiled:
+            self.G_fwd = compile_forward(self.G, cudagraphs=cfg.cudagraphs)
+            self.D_fwd = compile_forward(self.D, cudagraphs=cfg.cudagraphs)
+        self.warmup_seconds = self.warm_up() if self.compiled else None
+
+    def warm_up(self):
+        """Run one full iteration on random data and put every weight, buffer, optimizer and RNG state back.
+
+        With --compile this is where every graph is built (G with and without grad, D with trainable and
+        with frozen parameters, forward and backward), so that compile time is measured once, here, and the
+        training loop's throughput is steady state from its first tick. Returns the seconds it took.
+        """
+        t0 = time.perf_counter()
+        G = self.G
+        g = torch.Generator().manual_seed(0)
+        n = self.batch_gpu * self.rounds
+        images = (torch.rand([n, G.img_channels, G.img_resolution, G.img_resolution], generator=g) * 2 - 1).to(self.device)
+        labels = torch.eye(G.label_dim)[torch.randint(G.label_dim, [n], generator=g)] if G.label_dim else torch.zeros([n, 0])
+        saved = copy.deepcopy(self.state_dict())
+        devices = [self.device] if self.device.type == 'cuda' else []
+        with torch.random.fork_rng(devices=devices):
+            self.step(images, labels.to(self.device), step=0, images_seen=0)
+        self.load_state_dict(saved)
+        for p in list(self.G.parameters()) + list(self.D.parameters()):
+            p.grad = None
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+        self.warmup_seconds = time.perf_counter() - t0
+        return self.warmup_seconds
+
+    def speed_summary(self):
+        """One line for the run log: which speed options are on and what compiling cost."""
+        cfg = self.cfg
+        parts = [f'compile {"on" if self.compiled else "off"}' + (' (CUDA graphs)' if cfg.cudagraphs else ''),
+                 f'G precision {self.g_dtype or torch.float32}', f'D precision {self.d_dtype or torch.float32}',
+                 f'channels_last {"on" if cfg.channels_last else "off"}',
+                 f'activation checkpointing {"on" if cfg.checkpointing else "off"}']
+        if self.warmup_seconds is not None:
+            parts.append(f'compile + warm-up {self.warmup_seconds:.1f} s (not part of the img/s figures)')
+        return 'Speed: ' + ', '.join(parts)
 
     #------------------------------------------------------------------------
 
@@ -59,18 +111,19 @@ class D2OTrainer:
         return dist.global_randn(key, self.global_batch, shape_one, rank, self.batch_gpu * self.rounds, self.device)
 
     def generate(self, z, labels, grad):
+        x = channels_last_input(z * self.G.sigma_generate, self.cfg.channels_last)
         with torch.set_grad_enabled(grad), autocast_context(self.device, self.g_dtype):
-            return self.G_fwd(z * self.G.sigma_generate, torch.full([z.shape[0]], self.G.sigma_generate, device=z.device),
-                              labels).float()
+            return self.G_fwd(x, torch.full([z.shape[0]], self.G.sigma_generate, device=z.device), labels).float()
 
     def discriminate(self, images, labels):
         with autocast_context(self.device, self.d_dtype):
-            return self.D_fwd(images, labels)
+            return self.D_fwd(channels_last_input(images, self.cfg.channels_last), labels)
 
     #------------------------------------------------------------------------
 
     def step(self, images, labels, step, images_seen, rank=0):
         """One iteration on this rank's images [B_rank, C, H, W] in [-1, 1] and one-hot labels."""
+        mark_step_begin(self.cfg.cudagraphs)
         labels = labels if labels.shape[1] else None
         reals = images.chunk(self.rounds)
         conds = labels.chunk(self.rounds) if labels is not None else [None] * self.rounds
@@ -113,11 +166,17 @@ class D2OTrainer:
         total = torch.zeros([], device=self.device)
         logit_fake = torch.zeros([], device=self.device)
         logit_real = torch.zeros([], device=self.device)
+        pair = self.cfg.disc_pair_forward and hasattr(self.D, 'forward_pair')
         for real, c, z in zip(reals, conds, zs):
             with nvtx_range('D forward'):
                 fake = self.generate(z, c, grad=False)
-                fake_logits = self.discriminate(fake, c)
-                real_logits = self.discriminate(real, c)
+                if pair:  # one pass of the frozen backbones over fakes and reals; same logits as two calls
+                    with autocast_context(self.device, self.d_dtype):
+                        fake_logits, real_logits = self.D.forward_pair(fake, real, c, c)
+                else:
+                    fake_logits = self.discriminate(fake, c)
+                    real_logits = self.discriminate(real, c)
+                del fake
                 loss = discriminator_loss(fake_logits, real_logits)
             with nvtx_range('D backward'):
                 (loss / self.rounds).backward()

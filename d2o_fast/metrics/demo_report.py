@@ -46,6 +46,17 @@ def compare_demo_generators(init_path, snapshot_path, num_images=500, batch=250,
     return rows
 
 
+def one_step_demo_metrics(num_images=500, batch=250):
+    """A callable net -> {'demo_fid', 'demo_accuracy'} for a one-step generator, on fixed seeds (progress tracking)."""
+    def evaluate(net):
+        z, labels = demo_latents(num_images, net.img_resolution, net.img_channels, net.label_dim)
+        device = next(net.parameters()).device
+        images = _batched(lambda zz, c: net.generate(zz.to(device), None if c is None else c.to(device)).cpu(), z, labels, batch)
+        m = demo_metrics(images.clamp(-1, 1), labels, ref_stats=demo_reference_stats())
+        return dict(demo_fid=float(m['fid']), demo_accuracy=m['accuracy'])
+    return evaluate
+
+
 def format_demo_table(rows):
     lines = ['| generator | NFE | demo-FID | class accuracy |', '|---|---|---|---|']
     for r in rows:

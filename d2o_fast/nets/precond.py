@@ -11,6 +11,7 @@ EDM weights load into either unchanged (same module tree under `model`).
 import torch
 
 from d2o_fast.nets.dhariwal_unet import DhariwalUNet
+from d2o_fast.nets.layers import UNetBlock
 from d2o_fast.nets.song_unet import SongUNet
 
 UNET_CLASSES = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
@@ -65,6 +66,14 @@ class _Precond(torch.nn.Module):
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
+
+    def set_dropout(self, p):
+        """Change the U-Net's dropout (D2O fine-tunes with none) and record it in the architecture."""
+        for m in self.model.modules():
+            if isinstance(m, UNetBlock):
+                m.dropout = p
+        self.init_kwargs['dropout'] = p
+        return self
 
 #----------------------------------------------------------------------------
 
