@@ -81,6 +81,7 @@ def build_d2o_task(cfg, dataset, device, batch_gpu, rounds):
         f'Generator: D2OPrecond/{G.init_kwargs.get("model_type")} from {base_path or "random init"}, freeze level {cfg.freeze}',
         format_freeze_report(freeze_report(trainer.G)),
         f'Discriminator: {cfg.disc}, {sum(p.numel() for p in trainer.d_params):,} trainable parameters',
+        trainer.speed_summary(),
     ]
     desc = f'{cfg.preset}-{_stem(cfg.data)}-freeze{cfg.freeze}-{cfg.disc}-batch{cfg.batch}'
     evaluate = None
