@@ -307,3 +307,24 @@ class ProjectedDiscriminator(nn.Module):
             feats = fnet(img, channels_last=self.channels_last, reference=reference)
             logits += [head(f, c) for head, f in zip(self.heads[name], feats)]
         return torch.cat(logits, dim=1)
+
+    def forward_pair(self, img_a, img_b, c_a=None, c_b=None):
+        """(forward(img_a, c_a), forward(img_b, c_b)), identical to the two calls in this order, with the frozen
+        feature networks run once on both batches (the D step's fakes and reals: one backbone pass instead of two).
+
+        Backbones are in eval mode and act on each sample alone, so batching the halves changes nothing. The
+        heads do not: in train mode their BatchNorms normalise with the statistics of the batch they see and
+        their spectral norms do one power iteration per call. So the heads still run once per half, half a
+        before half b, exactly as the two separate calls would.
+        """
+        self.check_inputs(img_a, c_a)
+        self.check_inputs(img_b, c_b)
+        c_a, c_b = (c_a, c_b) if self.c_dim else (None, None)
+        n = img_a.shape[0]
+        logits_a, logits_b = [], []
+        for name, fnet in self.feature_networks.items():
+            feats = fnet(torch.cat([img_a, img_b.to(img_a.dtype)]), channels_last=self.channels_last)
+            for head, f in zip(self.heads[name], feats):
+                logits_a.append(head(f[:n], c_a))
+                logits_b.append(head(f[n:], c_b))
+        return torch.cat(logits_a, dim=1), torch.cat(logits_b, dim=1)

@@ -146,8 +146,7 @@ class StyleGAN2Discriminator(nn.Module):
     def trainable_parameters(self):
         return list(self.parameters())
 
-    def forward(self, img, c=None):
-        """img [B, C, R, R] in [-1, 1], c one-hot [B, c_dim] or None -> logits [B, 1]."""
+    def check_inputs(self, img, c):
         if img.ndim != 4 or img.shape[1:] != (self.img_channels, self.img_resolution, self.img_resolution):
             raise DiscriminatorConfigError(
                 f'expected images [B, {self.img_channels}, {self.img_resolution}, {self.img_resolution}], got {tuple(img.shape)}')
@@ -155,9 +154,34 @@ class StyleGAN2Discriminator(nn.Module):
             raise DiscriminatorConfigError(f'conditional discriminator needs labels [B, {self.c_dim}], got {None if c is None else tuple(c.shape)}')
         if not self.c_dim and c is not None and c.numel() != 0:
             raise DiscriminatorConfigError(f'unconditional discriminator (c_dim=0) got labels of shape {tuple(c.shape)}')
+
+    def forward(self, img, c=None):
+        """img [B, C, R, R] in [-1, 1], c one-hot [B, c_dim] or None -> logits [B, 1]."""
+        self.check_inputs(img, c)
+        return self._logits(img, c, min(self.mbstd_group_size, img.shape[0]))
+
+    def forward_pair(self, img_a, img_b, c_a=None, c_b=None):
+        """(forward(img_a, c_a), forward(img_b, c_b)) in one pass over both batches, with the same result.
+
+        The only cross-sample operation is the minibatch std, over runs of consecutive samples; with equal
+        halves and the group size each half would use on its own, no group straddles the two halves.
+        """
+        self.check_inputs(img_a, c_a)
+        self.check_inputs(img_b, c_b)
+        if img_a.shape != img_b.shape:  # unequal halves would group differently: two passes
+            return self.forward(img_a, c_a), self.forward(img_b, c_b)
+        n = img_a.shape[0]
+        group = min(self.mbstd_group_size, n)
+        if n % group:  # as forward() on each half would refuse; the joined batch would let groups straddle
+            raise DiscriminatorConfigError(f'batch size {n} must be divisible by the minibatch-std group size {group}')
+        c = torch.cat([c_a, c_b]) if self.c_dim else None
+        logits = self._logits(torch.cat([img_a, img_b.to(img_a.dtype)]), c, group)
+        return logits[:n], logits[n:]
+
+    def _logits(self, img, c, mbstd_group_size):
         x = lrelu(self.from_rgb(img))
         x = self.blocks(x)
-        x = minibatch_stddev(x, self.mbstd_group_size, self.mbstd_channels)
+        x = minibatch_stddev(x, mbstd_group_size, self.mbstd_channels)
         x = lrelu(self.conv(x))
         x = lrelu(self.fc(x.flatten(1)))
         x = self.out(x)
