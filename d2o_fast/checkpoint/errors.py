@@ -1,7 +1,7 @@
 """Errors of the checkpoint layer: one type to catch, one line to print."""
 
 
-class CheckpointError(Exception):
+class CheckpointError(ValueError):
     """A checkpoint could not be read, written or matched to a network; the message says why."""
 
 

@@ -60,7 +60,10 @@ def _load(path, as_class, key, depth, sha256=None):
         if f.read(2) == b'PK':
             raise CheckpointError(f'{path}: a zip archive (torch.save?), not an EDM pickle or a d2o_fast snapshot')
         f.seek(0)
-        obj = safe_load(f)
+        try:
+            obj = safe_load(f)
+        except CheckpointError as e:
+            raise type(e)(f'{path}: {e}') from None
     record, key = _pick_network(obj, key, path)
     net = network_from_record(record, as_class=as_class, where=path)
     net.checkpoint_info = CheckpointInfo(path=path, sha256=sha256, format='pickle', source_class_name=record.class_name,
