@@ -55,6 +55,18 @@ def overrides_from_args(args, cls, skip=()):
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
+def parse_config(argv, prog, doc, cls, presets):
+    """(config, dry_run) from --preset, --dry-run and one flag per field of the config dataclass."""
+    from d2o_fast.engine.config import resolve_config
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--preset', default='demo', choices=sorted(presets))
+    parser.add_argument('--dry-run', action='store_true', help='print the resolved config and exit')
+    add_dataclass_flags(parser, cls, skip=('preset',))
+    args = parser.parse_args(argv)
+    cfg = resolve_config(args.preset, cls=cls, presets=presets, **overrides_from_args(args, cls, skip=('preset',)))
+    return cfg, args.dry_run
+
+
 def run_main(main, argv=None):
     """Run an entry point; a user-facing error becomes one line on stderr and exit code 1."""
     try:

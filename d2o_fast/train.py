@@ -8,25 +8,13 @@
 Every config field is a flag; --dry-run prints the resolved config and exits.
 """
 
-import argparse
-
-from d2o_fast.cli import add_dataclass_flags, overrides_from_args, run_main
-from d2o_fast.engine.config import PRESETS, TrainConfig, resolve_config
+from d2o_fast.cli import parse_config, run_main
+from d2o_fast.engine.config import PRESETS, TrainConfig
 from d2o_fast.engine.distributed import is_main
 
 
-def parse_config(argv):
-    parser = argparse.ArgumentParser(prog='python -m d2o_fast.train', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--preset', default='demo', choices=sorted(PRESETS))
-    parser.add_argument('--dry-run', action='store_true', help='print the resolved config and exit')
-    add_dataclass_flags(parser, TrainConfig, skip=('preset',))
-    args = parser.parse_args(argv)
-    return resolve_config(args.preset, **overrides_from_args(args, TrainConfig, skip=('preset',))), args.dry_run
-
-
 def main(argv):
-    cfg, dry_run = parse_config(argv)
+    cfg, dry_run = parse_config(argv, 'python -m d2o_fast.train', __doc__, TrainConfig, PRESETS)
     if dry_run:
         print(cfg.to_json())
         return

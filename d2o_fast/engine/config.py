@@ -51,7 +51,7 @@ class RunConfig:
     EXECUTION_FIELDS = ('outdir', 'run_dir', 'resume', 'workers', 'profile', 'tick_kimg', 'snapshot_ticks',
                         'checkpoint_ticks', 'keep_checkpoints', 'data_backend', 'kernels', 'compile', 'channels_last',
                         'cudagraphs', 'checkpointing', 'eval_demo',
-                        'eval_images', 'disc_channels_last', 'disc_pair_forward')
+                        'eval_images', 'disc_pair_forward')
 
     def resolved_batch_gpu(self, world_size):
         per_rank = self.batch // world_size
@@ -99,7 +99,6 @@ class TrainConfig(RunConfig):
     disc_weights: Optional[str] = None      # folder with timm-format backbone weights (offline clusters)
     disc_channels: int = 64                 # stylegan2: channel width (max)
     disc_precision: str = 'fp32'            # fp32 (the authors'), bf16
-    disc_channels_last: bool = False        # projected: NHWC backbones and heads (faster on CPU with bf16)
     disc_pair_forward: bool = True          # D step: fakes and reals in one discriminator pass (same result)
 
     # Optimisation (Adam betas (0, 0.99), eps 1e-8 for both networks).
@@ -178,8 +177,8 @@ PRESETS = {
                            batch=512, lr=8e-6, dlr=4e-5, ema_mimg=50, kimg=10000, freeze=0, **FACES_DISC),
     # The CPU demo: the shipped pre-trained digits model, D2O-F, a small from-scratch discriminator.
     'demo':           dict(init='demo', data='demo', cond=True, freeze=1, disc='stylegan2', disc_channels=64,
-                           batch=32, lr=2e-4, dlr=2e-4, ema_mimg=0.01, kimg=20, tick_kimg=2, snapshot_ticks=5,
-                           checkpoint_ticks=5, eval_demo=True, xflip=False),
+                           batch=32, lr=2e-4, dlr=2e-4, ema_mimg=0.01, kimg=6, tick_kimg=0.5, snapshot_ticks=4,
+                           checkpoint_ticks=4, eval_demo=True, precision='bf16'),
 }
 
 
