@@ -1,0 +1,247 @@
+"""The full D2O training iteration: eager fp32 (the baseline) vs compiled bf16 vs compiled bf16 + fused kernels,
+D2O (freeze 0) vs D2O-F (freeze 1).
+
+    OMP_NUM_THREADS=1 pytest benchmarks/test_train_step.py            # writes results/train_step_<device>.{md,json}
+    D2O_FAST_BENCH_ASSERT_TARGETS=1 pytest benchmarks/test_train_step.py   # also assert the targets below
+
+One iteration = the real D2OTrainer's G step + D step + EMA, plus 1/16 of a separately timed R1 step (R1 runs
+every 16 steps). Compile + warm-up time (D2OTrainer.warm_up: every graph built, all state restored) is
+recorded separately and is not part of the throughput. pytest-benchmark times the steady-state iterations.
+
+CPU configuration (small, so the whole suite runs in minutes on 2 cores):
+    G: NCSN++ at 32x32, the CIFAR-10 architecture narrowed: model_channels 32 (CIFAR-10: 128), channel_mult
+       (2, 2, 2) (CIFAR-10: (2, 2, 2)), 1 block per resolution (CIFAR-10: 4), attention at 16x16, 10 classes.
+    D: the from-scratch StyleGAN2 discriminator, channel_max 128, fp32; batch 16.
+    Beside it: the projected discriminator (vgg16_bn + tf_efficientnet_lite0 at 224, random weights),
+       batch 2, D2O-F, eager fp32 vs compiled bf16 G.
+GPU (when present): the cifar10 preset's real shapes (NCSN++ full width, batch 64 per GPU, projected D), plus
+CUDA graphs.
+
+Targets (medians of one run, ratios against the eager baseline of the same run): compiled >= 1.5x eager img/s;
+D2O-F >= 1.2x D2O img/s; D2O-F optimizer state <= 25% of D2O's; compiled peak memory <= eager's.
+Peak memory: see benchmarks/conftest.py (training-state tensors + resident-set growth during the measured
+iterations; CUDA: max_memory_allocated). Nothing asserts wall-clock time unless the env var asks for it.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import statistics
+import time
+
+import pytest
+import torch
+
+from d2o_fast import ops
+from d2o_fast.discriminators import build_discriminator
+from d2o_fast.engine.config import resolve_config
+from d2o_fast.engine.trainer import D2OTrainer
+from d2o_fast.nets import architecture_kwargs, build_network
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / 'results'
+ASSERT_ENV = 'D2O_FAST_BENCH_ASSERT_TARGETS'
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device('cuda' if CUDA else 'cpu')
+CLASSES = 10
+R1_INTERVAL = 16
+
+if CUDA:
+    G_ARCH = dict(model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16])
+    G_ARCH_NAME = 'NCSN++ 32x32 (cifar10, full width: 128 ch, mult 2-2-2, 4 blocks)'
+    BATCH = {'stylegan2': 64, 'projected': 64}
+else:
+    G_ARCH = dict(model_channels=32, channel_mult=[2, 2, 2], num_blocks=1, attn_resolutions=[16])
+    G_ARCH_NAME = 'NCSN++ 32x32 narrowed (cifar10 arch with 32 ch, mult 2-2-2, 1 block/res, attn 16)'
+    BATCH = {'stylegan2': 16, 'projected': 2}
+ROUNDS = 3 if not CUDA else 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    disc: str
+    path: str            # eager / compiled / compiled+fused (/ cudagraphs on CUDA)
+    freeze: int
+
+    @property
+    def name(self):
+        return f'{self.disc}-{self.path}-{"D2O-F" if self.freeze else "D2O"}'
+
+    @property
+    def options(self):
+        """Config fields and kernel backend of the path."""
+        fused = 'cuda' if CUDA else 'cpu'
+        return {'eager': (dict(precision='fp32'), 'torch'),
+                'compiled': (dict(precision='bf16', compile=True), 'torch'),
+                'compiled+fused': (dict(precision='bf16', compile=True), fused),
+                'cudagraphs+fused': (dict(precision='bf16', compile=True, cudagraphs=True), fused)}[self.path]
+
+
+PATHS = ['eager', 'compiled', 'compiled+fused'] + (['cudagraphs+fused'] if CUDA else [])
+CASES = [Case('stylegan2', path, freeze) for path in PATHS for freeze in (0, 1)]
+CASES += [Case('projected', path, 1) for path in ('eager', 'compiled+fused')]
+
+_results = {}
+
+#----------------------------------------------------------------------------
+
+def build_trainer(case):
+    config, kernels = case.options
+    ops.set_backend(kernels)
+    torch._dynamo.reset()  # each case compiles its own graphs; no cache-size limit carried over
+    torch.manual_seed(0)
+    batch = BATCH[case.disc]
+    G = build_network('D2OPrecond', **architecture_kwargs('ncsnpp', 32, 3, CLASSES, dropout=0, **G_ARCH))
+    disc_kwargs = dict(pretrained=False) if case.disc == 'projected' else dict(channel_max=128)
+    D = build_discriminator(case.disc, img_resolution=32, img_channels=3, c_dim=CLASSES, **disc_kwargs)
+    cfg = resolve_config('demo', init='random', arch='ncsnpp', disc=case.disc, batch=batch, freeze=case.freeze,
+                         r1_interval=R1_INTERVAL, **config)
+    return D2OTrainer(G, D, cfg, DEVICE, batch_gpu=batch, rounds=1)
+
+
+def tensor_bytes(tensors):
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not torch.is_tensor(t) or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def training_state_bytes(trainer):
+    tensors = []
+    for module in (trainer.G, trainer.G_ema, trainer.D):
+        tensors += list(module.parameters()) + [p.grad for p in module.parameters()] + list(module.buffers())
+    for opt in (trainer.opt_g, trainer.opt_d):
+        tensors += [t for state in opt.state.values() for t in state.values()]
+    return tensor_bytes(tensors)
+
+
+def optimizer_state_bytes(optimizer):
+    return tensor_bytes(t for state in optimizer.state.values() for t in state.values())
+
+
+def synchronize():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize('case', CASES, ids=lambda c: c.name)
+def test_train_step(case, benchmark, memory_probe):
+    trainer = build_trainer(case)
+    batch = trainer.batch_gpu
+    g = torch.Generator().manual_seed(1)
+    images = (torch.rand([batch, 3, 32, 32], generator=g) * 2 - 1).to(DEVICE)
+    labels = torch.eye(CLASSES)[torch.randint(CLASSES, [batch], generator=g)].to(DEVICE)
+    counter = iter(range(1, 10 ** 9))
+
+    def iteration():  # step indices never a multiple of 16: no R1 inside the timed G + D steps
+        step = next(counter)
+        step += step // (R1_INTERVAL - 1)
+        trainer.step(images, labels, step, step * batch)
+        synchronize()
+
+    iteration()  # first steady step (optimizer state appears); not measured
+    memory_probe.start()
+    state = training_state_bytes(trainer)
+    benchmark.pedantic(iteration, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    r1_times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        trainer.r1_phase(images.chunk(1), labels.chunk(1))
+        synchronize()
+        r1_times.append(time.perf_counter() - t0)
+    peak = memory_probe.peak_bytes(state)
+
+    step_s = benchmark.stats.stats.median
+    r1_s = statistics.median(r1_times)
+    seconds = step_s + r1_s / R1_INTERVAL
+    row = dict(case=case.name, disc=case.disc, path=case.path, freeze=case.freeze, batch=batch,
+               precision=str(trainer.g_dtype or torch.float32).replace('torch.', ''), kernels=ops.get_backend(),
+               step_ms=1000 * step_s, r1_ms=1000 * r1_s, iteration_ms=1000 * seconds, img_per_sec=batch / seconds,
+               compile_warmup_s=trainer.warmup_seconds, peak_mem_mb=peak / 2 ** 20, state_mb=state / 2 ** 20,
+               opt_g_state_mb=optimizer_state_bytes(trainer.opt_g) / 2 ** 20,
+               g_trainable=sum(p.numel() for p in trainer.g_params), g_params=sum(p.numel() for p in trainer.G.parameters()))
+    benchmark.extra_info.update(row)
+    _results[case] = row
+    assert row['img_per_sec'] > 0 and row['opt_g_state_mb'] > 0
+
+#----------------------------------------------------------------------------
+
+def ratios(rows):
+    """Each row against the eager baseline of the same discriminator and freeze level, and D2O-F against D2O."""
+    by = {(r['disc'], r['path'], r['freeze']): r for r in rows}
+    for r in rows:
+        base = by.get((r['disc'], 'eager', r['freeze']))
+        d2o = by.get((r['disc'], r['path'], 0))
+        r['speedup_vs_eager'] = r['img_per_sec'] / base['img_per_sec'] if base else None
+        r['mem_vs_eager'] = r['peak_mem_mb'] / base['peak_mem_mb'] if base else None
+        r['speedup_vs_d2o'] = r['img_per_sec'] / d2o['img_per_sec'] if d2o and r['freeze'] else None
+        r['opt_state_vs_d2o'] = r['opt_g_state_mb'] / d2o['opt_g_state_mb'] if d2o and r['freeze'] else None
+    return rows
+
+
+def targets(rows):
+    """The issue's targets, on the StyleGAN2-discriminator configuration: (description, value, met)."""
+    by = {(r['disc'], r['path'], r['freeze']): r for r in rows}
+    out = []
+    for freeze in (0, 1):
+        best = max((by[('stylegan2', p, freeze)] for p in PATHS if p != 'eager' and ('stylegan2', p, freeze) in by),
+                   key=lambda r: r['img_per_sec'], default=None)
+        if best:
+            out.append((f'compiled ({best["path"]}) / eager img/s, freeze {freeze} (>= 1.5)', best['speedup_vs_eager'],
+                        best['speedup_vs_eager'] >= 1.5))
+            out.append((f'compiled ({best["path"]}) / eager peak memory, freeze {freeze} (<= 1)', best['mem_vs_eager'],
+                        best['mem_vs_eager'] <= 1))
+    for path in PATHS:
+        r = by.get(('stylegan2', path, 1))
+        if r and r['speedup_vs_d2o'] is not None:
+            out.append((f'D2O-F / D2O img/s, {path} (>= 1.2)', r['speedup_vs_d2o'], r['speedup_vs_d2o'] >= 1.2))
+    r = by.get(('stylegan2', 'eager', 1))
+    if r and r['opt_state_vs_d2o'] is not None:
+        out.append(('D2O-F / D2O G optimizer state (<= 0.25)', r['opt_state_vs_d2o'], r['opt_state_vs_d2o'] <= 0.25))
+    return out
+
+
+def markdown(rows, machine, checks):
+    f = lambda v, fmt: '' if v is None else format(v, fmt)
+    lines = [f'# Full D2O training iteration ({machine["device"]}, {machine["threads"]} thread(s))', '',
+             f'torch {machine["torch"]}, Python {machine["python"]}; {machine["cores"]} cores, load average '
+             f'{machine["load_average"]:.1f} at the start (the machine is shared: absolute times vary, the ratios '
+             f'are from this same run).', '',
+             f'Generator: {G_ARCH_NAME}; D2O = freeze 0, D2O-F = freeze 1. Discriminators: stylegan2 (channel_max 128, '
+             f'fp32) and projected (vgg16_bn + tf_efficientnet_lite0 at 224, random weights). One iteration = G step + '
+             f'D step + EMA + 1/{R1_INTERVAL} of an R1 step. Paths: eager = fp32, PyTorch GroupNorm; compiled = '
+             f'torch.compile (fullgraph, static shapes) + bf16 autocast of G; +fused = the fused GroupNorm '
+             f'extension (ops backend cpu/cuda). Compile + warm-up is timed apart and not in img/s. Peak memory = '
+             f'training-state tensors + resident-set growth during the measured iterations (benchmarks/conftest.py).',
+             '', '| case | batch | G prec | kernels | iter ms | img/s | vs eager | vs D2O | peak MB | vs eager mem '
+             '| G opt state MB | G trainable / total | compile+warm-up s |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        lines.append(f'| {r["case"]} | {r["batch"]} | {r["precision"]} | {r["kernels"]} | {r["iteration_ms"]:.0f} | '
+                     f'{r["img_per_sec"]:.2f} | {f(r["speedup_vs_eager"], ".2f")}x | {f(r["speedup_vs_d2o"], ".2f")} | '
+                     f'{r["peak_mem_mb"]:.0f} | {f(r["mem_vs_eager"], ".2f")} | {r["opt_g_state_mb"]:.2f} | '
+                     f'{r["g_trainable"] / 1e6:.2f}M / {r["g_params"] / 1e6:.2f}M | {f(r["compile_warmup_s"], ".0f")} |')
+    lines += ['', '## Targets (stylegan2 configuration)', '', '| target | value | met |', '|---|---|---|']
+    lines += [f'| {name} | {value:.2f} | {"yes" if ok else "NO"} |' for name, value, ok in checks]
+    return '\n'.join(lines) + '\n'
+
+
+def test_report(machine):
+    """Write results/train_step_<device>.{md,json} from the cases above (run in this same session)."""
+    if not _results:
+        pytest.skip('no train-step case ran in this session')
+    rows = ratios([_results[c] for c in CASES if c in _results])
+    checks = targets(rows)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    stem = RESULTS_DIR / f'train_step_{machine["device_type"]}'
+    json.dump(dict(machine=machine, generator=G_ARCH_NAME, rows=rows,
+                   targets=[dict(target=n, value=v, met=ok) for n, v, ok in checks]),
+              open(f'{stem}.json', 'w'), indent=2)
+    table = markdown(rows, machine, checks)
+    stem.with_suffix('.md').write_text(table)
+    print('\n' + table)
+    if os.environ.get(ASSERT_ENV):
+        assert all(ok for _, _, ok in checks), [c for c in checks if not c[2]]
