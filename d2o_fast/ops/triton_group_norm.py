@@ -113,6 +113,24 @@ def _group_norm_act_fwd_kernel(
 
 
 @triton.jit
+def _channel_params(w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, n, C, ch, c_mask,
+                    HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """GN weight and bias, add, 1 + scale and shift of one block of channels (neutral values where absent)."""
+    w = tl.load(w_ptr + ch, mask=c_mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + ch, mask=c_mask, other=0.0).to(tl.float32)
+    a = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s1 = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+    sh = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_ADD:
+        a = tl.load(add_ptr + n * C + ch, mask=c_mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        s1 = 1.0 + tl.load(scale_ptr + n * C + ch, mask=c_mask, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        sh = tl.load(shift_ptr + n * C + ch, mask=c_mask, other=0.0).to(tl.float32)
+    return w, b, a, s1, sh
+
+
+@triton.jit
 def _group_norm_act_bwd_kernel(
     dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
     s1_ptr, s2_ptr, dadd_ptr,
@@ -139,17 +157,8 @@ def _group_norm_act_bwd_kernel(
         cc = c0 + c_offs
         c_mask = cc < CPG
         ch = g * CPG + cc
-        w = tl.load(w_ptr + ch, mask=c_mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + ch, mask=c_mask, other=0.0).to(tl.float32)
-        a = tl.zeros([BLOCK_C], dtype=tl.float32)
-        s1 = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
-        sh = tl.zeros([BLOCK_C], dtype=tl.float32)
-        if HAS_ADD:
-            a = tl.load(add_ptr + n * C + ch, mask=c_mask, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            s1 = 1.0 + tl.load(scale_ptr + n * C + ch, mask=c_mask, other=0.0).to(tl.float32)
-        if HAS_SHIFT:
-            sh = tl.load(shift_ptr + n * C + ch, mask=c_mask, other=0.0).to(tl.float32)
+        w, b, a, s1, sh = _channel_params(w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, n, C, ch, c_mask,
+                                          HAS_ADD, HAS_SCALE, HAS_SHIFT, BLOCK_C)
         acc1 = tl.zeros([BLOCK_C], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
         for hw0 in range(0, HW, BLOCK_HW):
@@ -180,17 +189,8 @@ def _group_norm_act_bwd_kernel(
         cc = c0 + c_offs
         c_mask = cc < CPG
         ch = g * CPG + cc
-        w = tl.load(w_ptr + ch, mask=c_mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + ch, mask=c_mask, other=0.0).to(tl.float32)
-        a = tl.zeros([BLOCK_C], dtype=tl.float32)
-        s1 = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
-        sh = tl.zeros([BLOCK_C], dtype=tl.float32)
-        if HAS_ADD:
-            a = tl.load(add_ptr + n * C + ch, mask=c_mask, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            s1 = 1.0 + tl.load(scale_ptr + n * C + ch, mask=c_mask, other=0.0).to(tl.float32)
-        if HAS_SHIFT:
-            sh = tl.load(shift_ptr + n * C + ch, mask=c_mask, other=0.0).to(tl.float32)
+        w, b, a, s1, sh = _channel_params(w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, n, C, ch, c_mask,
+                                          HAS_ADD, HAS_SCALE, HAS_SHIFT, BLOCK_C)
         k = w * s1
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for hw0 in range(0, HW, BLOCK_HW):
