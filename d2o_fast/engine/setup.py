@@ -96,7 +96,7 @@ def discriminator_kwargs(cfg):
     """build_discriminator kwargs of the config (besides kind, resolution, channels and labels)."""
     if cfg.disc == 'projected':
         return dict(backbones=tuple(cfg.disc_backbones), weights_dir=cfg.disc_weights, pretrained=True,
-                    channels_last=cfg.disc_channels_last)
+                    channels_last=cfg.channels_last)
     return dict(channel_max=cfg.disc_channels)
 
 

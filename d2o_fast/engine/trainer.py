@@ -166,13 +166,16 @@ class D2OTrainer:
         total = torch.zeros([], device=self.device)
         logit_fake = torch.zeros([], device=self.device)
         logit_real = torch.zeros([], device=self.device)
-        pair = self.cfg.disc_pair_forward and hasattr(self.D, 'forward_pair')
+        # Fakes and reals in one discriminator pass (the projected D's frozen backbones run once on both; the
+        # logits are those of two calls). Compiled runs keep the two calls of the compiled forward.
+        pair = self.cfg.disc_pair_forward and hasattr(self.D, 'forward_pair') and not self.compiled
         for real, c, z in zip(reals, conds, zs):
             with nvtx_range('D forward'):
                 fake = self.generate(z, c, grad=False)
-                if pair:  # one pass of the frozen backbones over fakes and reals; same logits as two calls
+                if pair:
                     with autocast_context(self.device, self.d_dtype):
-                        fake_logits, real_logits = self.D.forward_pair(fake, real, c, c)
+                        fake_logits, real_logits = self.D.forward_pair(channels_last_input(fake, self.cfg.channels_last),
+                                                                       channels_last_input(real, self.cfg.channels_last), c, c)
                 else:
                     fake_logits = self.discriminate(fake, c)
                     real_logits = self.discriminate(real, c)
