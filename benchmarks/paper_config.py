@@ -246,9 +246,9 @@ def main():
     if a.numerics:
         numerics = numerics_check(threads=a.threads)
         print(numerics['markdown'])
-        if previous.get('results'):
-            write_results(previous['results'], {k: v for k, v in previous.items() if k not in ('results', 'numerics')},
-                          numerics)
+        meta = {k: v for k, v in previous.items() if k not in ('results', 'numerics')} or dict(
+            device=device_description(), threads=a.threads, command='(no table yet)', config='')
+        write_results(previous.get('results', []), meta, numerics)
         return
     results = []
     for variant in VARIANTS:

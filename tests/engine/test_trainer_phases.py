@@ -46,3 +46,35 @@ def test_d_step_pair_forward_equals_two_calls(disc, c_dim):
     for k, v in state_two.items():  # updated heads, BN running stats, spectral-norm vectors
         torch.testing.assert_close(state_pair[k], v, rtol=1e-4, atol=1e-6, msg=k)
     assert any(not torch.equal(v, before[k]) for k, v in state_pair.items())  # the step did update D
+
+
+def conv_backward_masks(fn):
+    """(output_mask, weight shape) of every convolution_backward that `fn` runs (input, weight, bias grads)."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        fn()
+    return [(tuple(e.concrete_inputs[-1]), tuple(e.input_shapes[2])) for e in prof.events()
+            if e.name == 'aten::convolution_backward']
+
+
+def test_frozen_convolutions_compute_no_weight_gradients():
+    """G step: weight gradients only for G's trainable convs (D2O-F level 1 freezes the block convs; the projected
+    D's backbones and heads are frozen in this phase), input gradients through everything in between. D step:
+    weight gradients only for the heads (twice each: fakes and reals), nothing through the backbones."""
+    trainer = tiny_trainer('projected', True, 0)
+    assert trainer.cfg.freeze == 1
+    images = torch.rand(4, 3, RES, RES, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    reals, conds = images.chunk(2), [None, None]
+    g_convs = [p for p in trainer.G.parameters() if p.ndim == 4]
+    g_trainable = [p for p in g_convs if p.requires_grad]
+    assert 0 < len(g_trainable) < len(g_convs)
+
+    g_step = conv_backward_masks(lambda: trainer.generator_phase(reals[:1], conds[:1], step=1, rank=0))
+    with_weight = [shape for mask, shape in g_step if mask[1]]
+    assert sorted(with_weight) == sorted(tuple(p.shape) for p in g_trainable)
+    assert sum(1 for mask, _ in g_step if mask[0] and not mask[1]) > len(g_convs) - len(g_trainable)  # frozen: data only
+
+    head_convs = [p for p in trainer.D.trainable_parameters() if p.ndim == 4]
+    d_step = conv_backward_masks(lambda: trainer.discriminator_phase(reals[:1], conds[:1], step=1, rank=0))
+    assert sorted(shape for mask, shape in d_step if mask[1]) == sorted(2 * [tuple(p.shape) for p in head_convs])
+    backbone_shapes = {tuple(p.shape) for p in trainer.D.feature_networks.parameters() if p.ndim == 4}
+    assert not any(shape in backbone_shapes and not mask[1] for mask, shape in d_step)  # no pass through the backbones
