@@ -21,6 +21,7 @@ recorded next to its numbers. Nothing here asserts a time.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -73,6 +74,26 @@ def build_trainer(variant, path, batch, generator_kwargs=None, disc_overrides=No
     return D2OTrainer(G, D, cfg, torch.device('cpu'), batch_gpu=batch, rounds=1)
 
 
+@contextlib.contextmanager
+def phase_timer(times):
+    """Seconds of the trainer's G and D phases inside step() (wraps the methods for the duration)."""
+    from d2o_fast.engine.trainer import D2OTrainer
+    originals = {'G': D2OTrainer.generator_phase, 'D': D2OTrainer.discriminator_phase}
+
+    def timed(name, fn):
+        def run(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(self, *args, **kwargs)
+            times[name].append(time.perf_counter() - t0)
+            return out
+        return run
+    D2OTrainer.generator_phase, D2OTrainer.discriminator_phase = timed('G', originals['G']), timed('D', originals['D'])
+    try:
+        yield
+    finally:
+        D2OTrainer.generator_phase, D2OTrainer.discriminator_phase = originals['G'], originals['D']
+
+
 def run_case(variant, path, batch, iters, threads, generator_kwargs=None, disc_overrides=None):
     """Time `iters` iterations after one warm-up, plus one R1 step; returns a dict of results."""
     import torch
@@ -90,15 +111,9 @@ def run_case(variant, path, batch, iters, threads, generator_kwargs=None, disc_o
     step_times, phase_times = [], {'G': [], 'D': []}
     for i in range(iters):
         t0 = time.perf_counter()
-        trainer.step(images, labels, step=2 + i, images_seen=batch * (1 + i))
+        with phase_timer(phase_times):
+            trainer.step(images, labels, step=2 + i, images_seen=batch * (1 + i))
         step_times.append(time.perf_counter() - t0)
-    # G and D phases alone (for the breakdown), then R1.
-    t0 = time.perf_counter()
-    trainer.generator_phase(reals, conds, step=100, rank=0)
-    phase_times['G'].append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    trainer.discriminator_phase(reals, conds, step=100, rank=0)
-    phase_times['D'].append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     trainer.r1_phase(reals, conds)
     r1_s = time.perf_counter() - t0
@@ -106,7 +121,8 @@ def run_case(variant, path, batch, iters, threads, generator_kwargs=None, disc_o
     s_per_it = step_s + r1_s / trainer.cfg.r1_interval
     return dict(variant=variant, path=path, batch=batch, threads=threads, freeze=trainer.cfg.freeze,
                 trainable_g=sum(p.numel() for p in trainer.g_params), params_g=sum(p.numel() for p in G.parameters()),
-                step_s=step_s, step_times=step_times, g_phase_s=phase_times['G'][0], d_phase_s=phase_times['D'][0],
+                step_s=step_s, step_times=step_times, g_phase_s=statistics.median(phase_times['G']),
+                d_phase_s=statistics.median(phase_times['D']),
                 r1_s=r1_s, s_per_it=s_per_it, img_per_s=batch / s_per_it,
                 peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, build_s=build_s,
                 loss_g=stats['loss_g'], loss_d=stats['loss_d'],

@@ -162,6 +162,7 @@ class D2OTrainer:
     def discriminator_phase(self, reals, conds, step, rank):
         """softplus(D(G(z))) + softplus(-D(x)), with fakes from a fresh z generated without a graph."""
         zs = self.noise(step, PHASE_D, reals[0].shape[1:], rank).chunk(self.rounds)
+        self.opt_g.zero_grad(set_to_none=True)  # G's gradients are used up: free them for the D and R1 steps
         self.opt_d.zero_grad(set_to_none=True)
         total = torch.zeros([], device=self.device)
         logit_fake = torch.zeros([], device=self.device)
