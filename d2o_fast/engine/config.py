@@ -176,8 +176,9 @@ PRESETS = {
     'imagenet-64':    dict(init='pretrained/edm-imagenet-64x64-cond-adm.pkl', data='datasets/imagenet-64x64.zip', cond=True,
                            batch=512, lr=8e-6, dlr=4e-5, ema_mimg=50, kimg=10000, freeze=0, **FACES_DISC),
     # The CPU demo: the shipped pre-trained digits model, D2O-F, a small from-scratch discriminator.
+    # The discriminator is StyleGAN2-style with equalised learning rate, hence its larger lr.
     'demo':           dict(init='demo', data='demo', cond=True, freeze=1, disc='stylegan2', disc_channels=64,
-                           batch=32, lr=2e-4, dlr=2e-4, ema_mimg=0.01, kimg=6, tick_kimg=0.5, snapshot_ticks=4,
+                           batch=16, lr=1e-3, dlr=2e-3, ema_mimg=0.01, kimg=5, tick_kimg=0.5, snapshot_ticks=4,
                            checkpoint_ticks=4, eval_demo=True, precision='bf16'),
 }
 
@@ -201,6 +202,6 @@ def resolve_config(preset='demo', cls=TrainConfig, presets=None, **overrides):
 # EDM pre-training presets: the small digits model that ships as the demo's starting point.
 PRETRAIN_PRESETS = {
     'demo': dict(data='demo', arch='ddpmpp', model_channels=32, channel_mult=(1, 2, 2), num_blocks=2,
-                 attn_resolutions=(16,), dropout=0.1, cond=True, batch=32, lr=1e-3, kimg=60, ema_mimg=0.05,
+                 attn_resolutions=(16,), dropout=0.1, cond=True, batch=32, lr=1e-3, kimg=24, ema_mimg=0.05,
                  precision='bf16', tick_kimg=2, snapshot_ticks=5, checkpoint_ticks=1, grid_size=40),
 }
