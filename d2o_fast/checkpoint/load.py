@@ -101,9 +101,11 @@ def _load_snapshot(path, sha256, as_class, depth):
     check_target_class(class_name)
     if record['trainable_only']:
         net = _load_base(path, record, class_name, depth)
-        if normalized_kwargs(net.init_kwargs) != normalized_kwargs(record['init_kwargs']):
+        if _architecture(net.init_kwargs) != _architecture(record['init_kwargs']):
             raise CheckpointError(f'{path}: its base {record["base"]["path"]} holds another architecture '
                                   f'({net.init_kwargs} vs {record["init_kwargs"]})')
+        if 'dropout' in record['init_kwargs']:  # fine-tuning may change the dropout rate (D2O trains without)
+            net.set_dropout(record['init_kwargs']['dropout'])
         overlay_tensors(net, tensors, path)
     else:
         net = assign_tensors(build_meta_network(class_name, record['init_kwargs'], path), tensors, path)
@@ -112,6 +114,14 @@ def _load_snapshot(path, sha256, as_class, depth):
                                          init_kwargs=dict(net.init_kwargs), metadata=record['metadata'],
                                          base=record['base'])
     return net.eval()
+
+
+# Training hyper-parameters recorded among the init kwargs; they shape no tensor.
+_NOT_ARCHITECTURE = ('dropout', 'label_dropout')
+
+
+def _architecture(init_kwargs):
+    return {k: v for k, v in normalized_kwargs(init_kwargs).items() if k not in _NOT_ARCHITECTURE}
 
 
 def _load_base(path, record, class_name, depth):

@@ -22,7 +22,7 @@ def train(tmp_path, name, tiny_init, tiny_data, nproc, extra=()):
     args = ['--init', tiny_init, '--data', tiny_data, '--disc', 'stylegan2', '--disc-channels', '16', '--batch', '8',
             '--kimg', '0.048', '--tick-kimg', '0.016', '--snapshot-ticks', '3', '--checkpoint-ticks', '3', '--eval-demo', 'false',
             '--grid-size', '4', '--r1-interval', '2', '--r1-gamma', '0.1', '--lr', '1e-3', '--dlr', '1e-3', '--ema-mimg', '0.001',
-            '--workers', '1', '--seed', '5', '--resume', 'none', '--outdir', str(outdir), *extra]
+            '--workers', '1', '--seed', '5', '--precision', 'fp32', '--resume', 'none', '--outdir', str(outdir), *extra]
     if nproc == 1:
         cmd = [sys.executable, '-m', 'd2o_fast.train', *args]
     else:
