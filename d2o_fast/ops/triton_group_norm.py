@@ -131,6 +131,19 @@ def _channel_params(w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, n, C, ch, c_mas
 
 
 @triton.jit
+def _xhat_and_grad_u(x_ptr, dy_ptr, offs, mask, a, w, b, s1, sh, mean, rstd, SILU: tl.constexpr):
+    """Normalised input of one tile and the gradient at u = GN(h) * (1 + scale) + shift (through SiLU if any)."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    du = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    xhat = (x + a[:, None] - mean) * rstd
+    if SILU:
+        u = (xhat * w[:, None] + b[:, None]) * s1[:, None] + sh[:, None]
+        sig = 1.0 / (1.0 + tl.exp(-u))
+        du = du * sig * (1.0 + u * (1.0 - sig))
+    return xhat, du
+
+
+@triton.jit
 def _group_norm_act_bwd_kernel(
     dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
     s1_ptr, s2_ptr, dadd_ptr,
@@ -165,13 +178,7 @@ def _group_norm_act_bwd_kernel(
             hh = hw0 + hw_offs
             mask = c_mask[:, None] & (hh < HW)[None, :]
             offs = base + ch[:, None].to(tl.int64) * stride_c + hh[None, :].to(tl.int64) * stride_hw
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            du = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            xhat = (x + a[:, None] - mean) * rstd
-            if SILU:
-                u = (xhat * w[:, None] + b[:, None]) * s1[:, None] + sh[:, None]
-                sig = 1.0 / (1.0 + tl.exp(-u))
-                du = du * sig * (1.0 + u * (1.0 - sig))
+            xhat, du = _xhat_and_grad_u(x_ptr, dy_ptr, offs, mask, a, w, b, s1, sh, mean, rstd, SILU)
             du = tl.where(mask, du, 0.0)
             acc1 += tl.sum(du, axis=1)
             acc2 += tl.sum(du * tl.where(mask, xhat, 0.0), axis=1)
@@ -197,13 +204,7 @@ def _group_norm_act_bwd_kernel(
             hh = hw0 + hw_offs
             mask = c_mask[:, None] & (hh < HW)[None, :]
             offs = base + ch[:, None].to(tl.int64) * stride_c + hh[None, :].to(tl.int64) * stride_hw
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            du = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            xhat = (x + a[:, None] - mean) * rstd
-            if SILU:
-                u = (xhat * w[:, None] + b[:, None]) * s1[:, None] + sh[:, None]
-                sig = 1.0 / (1.0 + tl.exp(-u))
-                du = du * sig * (1.0 + u * (1.0 - sig))
+            xhat, du = _xhat_and_grad_u(x_ptr, dy_ptr, offs, mask, a, w, b, s1, sh, mean, rstd, SILU)
             dh = rstd * (du * k[:, None] - c1 - xhat * c2)
             tl.store(dx_ptr + offs, dh.to(dx_ptr.dtype.element_ty), mask=mask)
             if HAS_ADD:
