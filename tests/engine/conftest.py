@@ -14,7 +14,7 @@ RES, CLASSES = 16, 4
 def tiny_edm(label_dim=CLASSES, seed=0):
     torch.manual_seed(seed)
     kw = architecture_kwargs('ddpmpp', RES, 3, label_dim, model_channels=8, channel_mult=[1, 2], num_blocks=1,
-                             attn_resolutions=[8], dropout=0.1)  # D2O fine-tunes with none
+                             attn_resolutions=[8], dropout=0.0)
     net = build_network('EDMPrecond', **kw)
     with torch.no_grad():  # EDM zero-inits output layers; make the pre-trained stand-in non-trivial
         for p in net.parameters():

@@ -122,3 +122,21 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, tiny_init, tiny_d
         training_loop(tiny_config(tmp_path, tiny_init, tiny_data, kimg=0.032, run_dir=result.run_dir), build_d2o_task, quiet=True)
     assert list_states(result.run_dir) == [good] and open(good, 'rb').read() == good_bytes
     assert not glob.glob(os.path.join(result.run_dir, '*.tmp*'))
+
+
+def test_partial_snapshot_loads_onto_a_base_with_another_dropout(tmp_path):
+    """The generator trains without dropout; its D2O-F snapshot still builds on a base that had some."""
+    from d2o_fast.checkpoint import save_snapshot
+    from d2o_fast.nets import apply_freeze
+    from tests.engine.conftest import tiny_edm
+    base = tiny_edm().set_dropout(0.1)
+    save_snapshot(base, str(tmp_path / 'base.safetensors'))
+    G = load_network(str(tmp_path / 'base.safetensors'), as_class='D2OPrecond').set_dropout(0)
+    apply_freeze(G, 1)
+    with torch.no_grad():
+        G.model.map_layer0.weight.add_(1.0)  # a trainable tensor that differs from the base
+    save_snapshot(G, str(tmp_path / 'snap.safetensors'), base=str(tmp_path / 'base.safetensors'), trainable_only=True)
+    loaded = load_network(str(tmp_path / 'snap.safetensors'))
+    assert loaded.init_kwargs['dropout'] == 0
+    for k, v in G.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
