@@ -113,26 +113,9 @@ std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const Tensor& we
 BackwardResult backward_cpu(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& bias,
                             const OptTensor& add, const OptTensor& scale, const OptTensor& shift, const Tensor& mean,
                             const Tensor& rstd, int64_t num_groups, bool silu) {
-  const PreparedCall call = prepare_call(x, weight, bias, add, scale, shift, num_groups, silu);
-  const Tensor dy_ = stage_grad_output(dy, call);
-  const Tensor mean_ = stage_statistic(mean, call, "mean");
-  const Tensor rstd_ = stage_statistic(rstd, call, "rstd");
-  Tensor dx = at::empty_like(call.x);
-  GradBuffers b = make_grad_buffers(call);
-  const BackwardArgs args{call.problem,
-                               kernel_params(call),
-                               dy_.data_ptr(),
-                               call.x.data_ptr(),
-                               mean_.data_ptr<float>(),
-                               rstd_.data_ptr<float>(),
-                               dx.data_ptr(),
-                               data_or_null_mut(b.dadd),
-                               data_or_null_mut(b.dscale),
-                               data_or_null_mut(b.dshift),
-                               b.dweight_per_sample.data_ptr<float>(),
-                               b.dbias_per_sample.data_ptr<float>()};
-  cpu::active().backward(args);
-  return assemble_grads(dx, b, weight, bias, add, scale, shift);
+  StagedBackward staged = stage_backward(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, silu);
+  cpu::active().backward(staged.args());
+  return assemble_grads(staged.dx, staged.grads, weight, bias, add, scale, shift);
 }
 
 }  // namespace

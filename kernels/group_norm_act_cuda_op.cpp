@@ -40,27 +40,11 @@ BackwardResult backward_cuda(const Tensor& dy, const Tensor& x, const Tensor& we
                              const Tensor& rstd, int64_t num_groups, bool silu) {
   check_cuda(x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const PreparedCall call = prepare_call(x, weight, bias, add, scale, shift, num_groups, silu);
-  const Tensor dy_ = stage_grad_output(dy, call);
-  const Tensor mean_ = stage_statistic(mean, call, "mean");
-  const Tensor rstd_ = stage_statistic(rstd, call, "rstd");
-  Tensor dx = at::empty_like(call.x);
-  GradBuffers b = make_grad_buffers(call);
-  Tensor workspace = at::empty({cuda::backward_workspace_size(call.problem)}, call.x.options().dtype(at::kFloat));
-  const BackwardArgs args{call.problem,
-                          kernel_params(call),
-                          dy_.data_ptr(),
-                          call.x.data_ptr(),
-                          mean_.data_ptr<float>(),
-                          rstd_.data_ptr<float>(),
-                          dx.data_ptr(),
-                          data_or_null_mut(b.dadd),
-                          data_or_null_mut(b.dscale),
-                          data_or_null_mut(b.dshift),
-                          b.dweight_per_sample.data_ptr<float>(),
-                          b.dbias_per_sample.data_ptr<float>()};
-  C10_CUDA_CHECK(cuda::backward(args, workspace.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));
-  return assemble_grads(dx, b, weight, bias, add, scale, shift);
+  StagedBackward staged = stage_backward(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, silu);
+  Tensor workspace = at::empty({cuda::backward_workspace_size(staged.call.problem)},
+                               staged.call.x.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(cuda::backward(staged.args(), workspace.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));
+  return assemble_grads(staged.dx, staged.grads, weight, bias, add, scale, shift);
 }
 
 }  // namespace

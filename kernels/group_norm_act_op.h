@@ -147,4 +147,39 @@ inline BackwardResult assemble_grads(Tensor dx, const GradBuffers& b, const Tens
           grad_like(b.dadd, add), grad_like(b.dscale, scale), grad_like(b.dshift, shift)};
 }
 
+// Everything a backward call stages before its kernel runs: the prepared call, dy and the statistics in the
+// kernel's layout and dtype, dx, and the per-sample gradient buffers. The device files add only the launch.
+struct StagedBackward {
+  PreparedCall call;
+  Tensor dy, mean, rstd, dx;
+  GradBuffers grads;
+
+  BackwardArgs args() {
+    return BackwardArgs{call.problem,
+                        kernel_params(call),
+                        dy.data_ptr(),
+                        call.x.data_ptr(),
+                        mean.data_ptr<float>(),
+                        rstd.data_ptr<float>(),
+                        dx.data_ptr(),
+                        data_or_null_mut(grads.dadd),
+                        data_or_null_mut(grads.dscale),
+                        data_or_null_mut(grads.dshift),
+                        grads.dweight_per_sample.data_ptr<float>(),
+                        grads.dbias_per_sample.data_ptr<float>()};
+  }
+};
+
+inline StagedBackward stage_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                     const OptTensor& add, const OptTensor& scale, const OptTensor& shift,
+                                     const Tensor& mean, const Tensor& rstd, int64_t num_groups, bool silu) {
+  StagedBackward s{prepare_call(x, weight, bias, add, scale, shift, num_groups, silu), {}, {}, {}, {}, {}};
+  s.dy = stage_grad_output(dy, s.call);
+  s.mean = stage_statistic(mean, s.call, "mean");
+  s.rstd = stage_statistic(rstd, s.call, "rstd");
+  s.dx = at::empty_like(s.call.x);
+  s.grads = make_grad_buffers(s.call);
+  return s;
+}
+
 }  // namespace d2o_fast
