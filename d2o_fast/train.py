@@ -30,9 +30,21 @@ def report_demo(cfg, result):
     from d2o_fast.engine.setup import resolve_init_path
     from d2o_fast.metrics.demo_report import compare_demo_generators, format_demo_table, write_demo_report
     print(f'Evaluating on {cfg.eval_images} samples (demo-FID: Frechet distance in the demo classifier\'s features) ...', flush=True)
-    rows = compare_demo_generators(resolve_init_path(cfg.init), result.snapshot, num_images=cfg.eval_images)
+    rows = compare_demo_generators(resolve_init_path(cfg.init), result.snapshot, num_images=cfg.eval_images,
+                                   known=measured_rows(cfg, result))
     write_demo_report(result.run_dir, rows)
     print(format_demo_table(rows), flush=True)
+
+
+def measured_rows(cfg, result):
+    """One-step rows the run already evaluated on the table's latents: its EMA at 0 kimg is the raw pre-trained
+    generator (unless re-initialised), and the last evaluation is of the final snapshot."""
+    known, evals = {}, result.evaluations
+    if evals and evals[0]['kimg'] == 0 and not cfg.reinit and cfg.init != 'random':
+        known['raw'] = evals[0]
+    if evals and evals[-1]['kimg'] == result.images_seen / 1000:
+        known['tuned'] = evals[-1]
+    return known
 
 
 if __name__ == '__main__':

@@ -51,7 +51,7 @@ class RunConfig:
     EXECUTION_FIELDS = ('outdir', 'run_dir', 'resume', 'workers', 'profile', 'tick_kimg', 'snapshot_ticks',
                         'checkpoint_ticks', 'keep_checkpoints', 'data_backend', 'kernels', 'compile', 'channels_last',
                         'cudagraphs', 'checkpointing', 'eval_demo',
-                        'eval_images', 'disc_pair_forward')
+                        'eval_images', 'disc_pair_forward', 'compile_fakes')
 
     def resolved_batch_gpu(self, world_size):
         per_rank = self.batch // world_size
@@ -100,6 +100,10 @@ class TrainConfig(RunConfig):
     disc_channels: int = 64                 # stylegan2: channel width (max)
     disc_precision: str = 'fp32'            # fp32 (the authors'), bf16
     disc_pair_forward: bool = True          # D step: fakes and reals in one discriminator pass (same result)
+    # With --compile: also compile the D step's no-grad generator forward. None = on CUDA only: on this 2-core CPU
+    # it saved 0.014 s of a 0.69 s demo step (eager 0.138 s, compiled 0.124 s) but its own graph added 59 s of
+    # cold-cache compile to the demo's 208 s (probe in the issue 4 note).
+    compile_fakes: Optional[bool] = None
 
     # Optimisation (Adam betas (0, 0.99), eps 1e-8 for both networks).
     lr: float = 1e-4

@@ -31,6 +31,7 @@ class LoopResult:
     images_seen: int
     snapshot: str
     stopped_by_signal: bool = False
+    evaluations: list = dataclasses.field(default_factory=list)   # task.evaluate results of this process, with kimg
 
 
 def architecture_record(net):
@@ -108,6 +109,8 @@ def training_loop(cfg, build_task, quiet=False):
     batch_gpu, rounds = cfg.resolved_batch_gpu(world)
 
     dataset = open_dataset(resolve_data_path(cfg.data))
+    if cfg.compile and dist.is_main() and not quiet:  # the run folder's log starts after this: say why it takes a while
+        print('Building networks; with --compile, building the graphs takes minutes on a cold Inductor cache ...', flush=True)
     task = build_task(cfg, dataset, device, batch_gpu, rounds)
     trainer, net = task.trainer, task.trainer.G
     for module in (trainer.G, trainer.G_ema, getattr(trainer, 'D', None)):
@@ -146,6 +149,12 @@ def training_loop(cfg, build_task, quiet=False):
         reporter.print(f'Resumed from {state_path} at {images_seen / 1000:.1f} kimg')
 
     grid_z, grid_labels = grid_inputs(net, cfg.grid_size, cfg.seed, device)
+    evaluations = []
+
+    def evaluate():
+        values = dict(task.evaluate(trainer.G_ema), kimg=images_seen / 1000)
+        evaluations.append(values)
+        reporter.metrics(values)
 
     def snapshot(tag):
         path = os.path.join(run_dir, f'network-snapshot-{images_seen // 1000:06d}.safetensors')
@@ -156,7 +165,7 @@ def training_loop(cfg, build_task, quiet=False):
             grid = save_image_grid(sample_images(task.sample, trainer.G_ema, grid_z, grid_labels), os.path.join(run_dir, f'fakes-{tag}.png'))
             reporter.image('fakes', grid, images_seen / 1000)
             if task.evaluate is not None:
-                reporter.metrics(dict(task.evaluate(trainer.G_ema), kimg=images_seen / 1000))
+                evaluate()
         dist.barrier()
         return path
 
@@ -173,7 +182,7 @@ def training_loop(cfg, build_task, quiet=False):
     if images_seen == 0 and dist.is_main():
         save_image_grid(sample_images(task.sample, trainer.G_ema, grid_z, grid_labels), os.path.join(run_dir, 'fakes-init.png'))
         if task.evaluate is not None:
-            reporter.metrics(dict(task.evaluate(trainer.G_ema), kimg=0.0))
+            evaluate()
 
     total = int(cfg.kimg * 1000)
     tick_images = max(int(cfg.tick_kimg * 1000), 1)
@@ -222,4 +231,4 @@ def training_loop(cfg, build_task, quiet=False):
             mark_finished(run_dir)
         reporter.print(f'Finished: {images_seen / 1000:.1f} kimg, snapshot {last_snapshot}')
     reporter.close()
-    return LoopResult(run_dir, images_seen, last_snapshot, stopped_by_signal=bool(stop))
+    return LoopResult(run_dir, images_seen, last_snapshot, stopped_by_signal=bool(stop), evaluations=evaluations)

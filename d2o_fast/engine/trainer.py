@@ -60,11 +60,14 @@ class D2OTrainer:
 
         # Forward passes may be compiled (d2o_fast/engine/compile.py); R1's double backward always runs the
         # eager discriminator.
+        # The D step's fakes (no grad) use G_fakes: the compiled G too, unless --compile-fakes says otherwise.
         self.compiled = cfg.compile or cfg.cudagraphs
-        self.G_fwd, self.D_fwd = self.G, self.D
+        self.G_fwd, self.D_fwd, self.G_fakes = self.G, self.D, self.G
         if self.compiled:
             self.G_fwd = compile_forward(self.G, cudagraphs=cfg.cudagraphs)
             self.D_fwd = compile_forward(self.D, cudagraphs=cfg.cudagraphs)
+            compile_fakes = device.type == 'cuda' if cfg.compile_fakes is None else cfg.compile_fakes
+            self.G_fakes = self.G_fwd if compile_fakes else self.G
         self.warmup_seconds = self.warm_up() if self.compiled else None
 
     def warm_up(self):
@@ -95,7 +98,8 @@ class D2OTrainer:
     def speed_summary(self):
         """One line for the run log: which speed options are on and what compiling cost."""
         cfg = self.cfg
-        parts = [f'compile {"on" if self.compiled else "off"}' + (' (CUDA graphs)' if cfg.cudagraphs else ''),
+        compiled = 'on' + ('' if self.G_fakes is self.G_fwd else ' (D-step fakes eager)') if self.compiled else 'off'
+        parts = [f'compile {compiled}' + (' (CUDA graphs)' if cfg.cudagraphs else ''),
                  f'G precision {self.g_dtype or torch.float32}', f'D precision {self.d_dtype or torch.float32}',
                  f'channels_last {"on" if cfg.channels_last else "off"}',
                  f'activation checkpointing {"on" if cfg.checkpointing else "off"}']
@@ -112,8 +116,9 @@ class D2OTrainer:
 
     def generate(self, z, labels, grad):
         x = channels_last_input(z * self.G.sigma_generate, self.cfg.channels_last)
+        forward = self.G_fwd if grad else self.G_fakes
         with torch.set_grad_enabled(grad), autocast_context(self.device, self.g_dtype):
-            return self.G_fwd(x, torch.full([z.shape[0]], self.G.sigma_generate, device=z.device), labels).float()
+            return forward(x, torch.full([z.shape[0]], self.G.sigma_generate, device=z.device), labels).float()
 
     def discriminate(self, images, labels):
         with autocast_context(self.device, self.d_dtype):

@@ -26,23 +26,43 @@ def _batched(fn, z, labels, batch):
     return torch.cat([fn(z[i:i + batch], None if labels is None else labels[i:i + batch]) for i in range(0, len(z), batch)])
 
 
-def compare_demo_generators(init_path, snapshot_path, num_images=500, batch=250, heun_steps=18):
-    """Rows of {name, nfe, fid, accuracy} for (a), (b), (c)."""
+def compare_demo_generators(init_path, snapshot_path, num_images=500, batch=100, heun_steps=18, heun_bf16=True, known=None):
+    """Rows of {name, nfe, fid, accuracy, num_images} for (a), (b), (c).
+
+    known: {'raw': metrics, 'tuned': metrics} (the {'demo_fid', 'demo_accuracy'} of `one_step_demo_metrics`) for
+    one-step rows the training run already measured on the same latents: the EMA at 0 kimg is the raw pre-trained
+    generator and the last snapshot is the fine-tuned one, so those rows are not generated twice.
+    heun_bf16: the teacher's 35 network evaluations per image run under bf16 autocast (the precision the demo
+    trains the generator in); the ODE state stays float64. This row costs as much as the whole fine-tuning run
+    in fp32 on a 2-core CPU.
+    """
+    known = known or {}
     teacher = load_network(init_path).eval()
-    raw = load_network(init_path, as_class='D2OPrecond').eval()
-    tuned = load_network(snapshot_path).eval()
     z, labels = demo_latents(num_images, teacher.img_resolution, teacher.img_channels, teacher.label_dim)
     ref = demo_reference_stats()
+
+    def heun(zz, c):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=heun_bf16 and zz.device.type == 'cpu'):
+            return edm_sampler(teacher, zz, c, num_steps=heun_steps)
+
+    def one_step(path, as_class=None):
+        net = load_network(path, as_class=as_class).eval()
+        return lambda zz, c: net.generate(zz, c)
+
     rows = []
-    for name, nfe, fn in [
-        ('(a) pre-trained, raw one step', 1, lambda zz, c: raw.generate(zz, c)),
-        (f'(b) pre-trained + Heun sampler ({heun_steps} steps)', 2 * heun_steps - 1,
-         lambda zz, c: edm_sampler(teacher, zz, c, num_steps=heun_steps)),
-        ('(c) fine-tuned one-step generator', 1, lambda zz, c: tuned.generate(zz, c)),
+    for key, name, nfe, make in [
+        ('raw', '(a) pre-trained, raw one step', 1, lambda: one_step(init_path, 'D2OPrecond')),
+        ('heun', f'(b) pre-trained + Heun sampler ({heun_steps} steps{", bf16" if heun_bf16 else ""})', 2 * heun_steps - 1,
+         lambda: heun),
+        ('tuned', '(c) fine-tuned one-step generator', 1, lambda: one_step(snapshot_path)),
     ]:
-        images = _batched(fn, z, labels, batch).clamp(-1, 1)
-        m = demo_metrics(images, labels, ref_stats=ref)
-        rows.append(dict(name=name, nfe=nfe, fid=float(m['fid']), accuracy=m['accuracy'], num_images=num_images))
+        if key in known:
+            fid, accuracy = float(known[key]['demo_fid']), known[key]['demo_accuracy']
+        else:
+            images = _batched(make(), z, labels, batch).clamp(-1, 1)
+            m = demo_metrics(images, labels, ref_stats=ref)
+            fid, accuracy = float(m['fid']), m['accuracy']
+        rows.append(dict(name=name, nfe=nfe, fid=fid, accuracy=accuracy, num_images=num_images))
     return rows
 
 

@@ -164,8 +164,10 @@ def test_compiled_step_matches_eager(tmp_path, tiny_init, tiny_data):
     torch._dynamo.reset()
     images, labels = batch()
     eager = tiny_trainer(tmp_path / 'e', tiny_init, tiny_data, r1_interval=1)
-    compiled = tiny_trainer(tmp_path / 'c', tiny_init, tiny_data, r1_interval=1, compile=True)
+    # compile_fakes: the D step's no-grad generator forward compiled too (the CUDA default; eager on CPU).
+    compiled = tiny_trainer(tmp_path / 'c', tiny_init, tiny_data, r1_interval=1, compile=True, compile_fakes=True)
     assert compiled.warmup_seconds > 0 and 'compile + warm-up' in compiled.speed_summary()
+    assert compiled.G_fakes is compiled.G_fwd and compiled.G_fwd is not compiled.G
     # The warm-up left no trace: same weights, no optimizer state.
     for p, q in zip(eager.G.parameters(), compiled.G.parameters()):
         assert torch.equal(p, q)
@@ -216,6 +218,7 @@ def test_cli_compile_bf16_with_profile(tmp_path, tiny_init, tiny_data):
     proc, run_dir = run_train(args, tmp_path)
     log = open(os.path.join(run_dir, 'log.txt')).read()
     assert log.count('compile + warm-up') == 1 and 'G precision torch.bfloat16' in log
+    assert 'compile on (D-step fakes eager)' in log  # the CPU default
     ticks = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
     assert len(ticks) == 2 and all(t['loss_g'] == t['loss_g'] for t in ticks)
     assert_trace(run_dir)
