@@ -14,9 +14,12 @@
 //                 with hc = x - K = x + add - mean;
 //             2) per group: the GroupNorm input-gradient coefficients E, F, G with
 //                 dx = dz * E + hc * F + G, and the [N, C] parameter gradients;
+//             3) dx = dz * E + hc * F + G.
 // Centring on K = mean - add before scaling (rather than folding it into one x * A + B)
 // keeps float32 accurate when |mean| >> std.
-//             3) dx, recomputing dz from x and dy (cheaper than storing it).
+// NCHW runs all three phases per group in one task, so a group's rows are read from memory once and the
+// second pass finds them in cache; its backward keeps dz from phase 1 in a per-task scratch (when the
+// group fits) instead of recomputing the SiLU derivative. channels_last runs each phase over all chunks.
 
 #if !defined(CPU_CAPABILITY)
 #error "define CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) before including this header"
@@ -145,12 +148,9 @@ inline void store(T* p, const Vec& v, int64_t n) {
 // Zero the lanes >= n of a partial vector (padding lanes must not enter reductions).
 inline Vec keep(const Vec& v, int64_t n) { return n == kW ? v : Vec::set(Vec(0.f), v, n); }
 
+// Horizontal sum by log2(kW) shuffles (a scalar loop over a stored vector costs more than a short row's work).
 inline float hsum(const Vec& v) {
-  float buf[kW];
-  v.store(buf);
-  float s = 0.f;
-  for (int64_t i = 0; i < kW; ++i) s += buf[i];
-  return s;
+  return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
 }
 
 // f(offset, count) over [0, n) in vector steps; the tail gets count < kW.
@@ -273,50 +273,54 @@ inline void chunk_moments(const T* x, int64_t rows, int64_t C, float* mean, floa
   });
 }
 
-// Phase 2: Chan-combine the chunk moments of each group -> mean, rstd, and K, A, B per (n, c).
+// Phase 2 for one group ng: Chan-combine its chunk moments -> mean, rstd, and K, A, B per (n, c).
+// channel_mean / channel_m2 are scratch of Cg doubles.
+inline void combine_group(const ForwardArgs& args, const Chunking& ch, int64_t ng, const float* cmean, const float* cm2,
+                          Coefs& k, double* channel_mean, double* channel_m2) {
+  const Problem& p = args.p;
+  const int64_t Cg = p.C / p.G;
+  const int64_t n = ng / p.G, g = ng % p.G;
+  for (int64_t i = 0; i < Cg; ++i) {
+    const int64_t c = g * Cg + i;
+    // Chunks of one channel: counts differ only for the last chunk.
+    double sum = 0.0;
+    for (int64_t t = 0; t < ch.chunks; ++t) {
+      sum += static_cast<double>(ch.count(t, p.HW)) * cmean[(n * ch.chunks + t) * p.C + c];
+    }
+    const double mu = sum / static_cast<double>(p.HW);
+    double m2 = 0.0;
+    for (int64_t t = 0; t < ch.chunks; ++t) {
+      const int64_t idx = (n * ch.chunks + t) * p.C + c;
+      const double d = cmean[idx] - mu;
+      m2 += cm2[idx] + static_cast<double>(ch.count(t, p.HW)) * d * d;
+    }
+    channel_mean[i] = mu + param_or(args.params.add, n * p.C + c, 0.f);
+    channel_m2[i] = m2;
+  }
+  double mu = 0.0;
+  for (int64_t i = 0; i < Cg; ++i) mu += channel_mean[i];
+  mu /= static_cast<double>(Cg);
+  double m2 = 0.0;
+  for (int64_t i = 0; i < Cg; ++i) {
+    const double d = channel_mean[i] - mu;
+    m2 += channel_m2[i] + static_cast<double>(p.HW) * d * d;
+  }
+  const double var = m2 / static_cast<double>(Cg * p.HW);
+  const float mean = static_cast<float>(mu);
+  const float rstd = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(args.eps)));
+  args.mean[ng] = mean;
+  args.rstd[ng] = rstd;
+  for (int64_t i = 0; i < Cg; ++i) pre_activation_coefs(args.params, n, g * Cg + i, p.C, mean, rstd, k);
+}
+
+// Phase 2 for every group (channels_last: after all chunks of every sample have their moments).
 inline void group_statistics(const ForwardArgs& args, const Chunking& ch, const float* cmean, const float* cm2,
                              Coefs& k) {
   const Problem& p = args.p;
   const int64_t Cg = p.C / p.G;
   at::parallel_for(0, p.N * p.G, grain(Cg * ch.chunks * 8), [&](int64_t begin, int64_t end) {
     std::vector<double> channel_mean(Cg), channel_m2(Cg);
-    for (int64_t ng = begin; ng < end; ++ng) {
-      const int64_t n = ng / p.G, g = ng % p.G;
-      for (int64_t i = 0; i < Cg; ++i) {
-        const int64_t c = g * Cg + i;
-        // Chunks of one channel: counts differ only for the last chunk.
-        double sum = 0.0;
-        for (int64_t k = 0; k < ch.chunks; ++k) {
-          sum += static_cast<double>(ch.count(k, p.HW)) * cmean[(n * ch.chunks + k) * p.C + c];
-        }
-        const double mu = sum / static_cast<double>(p.HW);
-        double m2 = 0.0;
-        for (int64_t k = 0; k < ch.chunks; ++k) {
-          const int64_t idx = (n * ch.chunks + k) * p.C + c;
-          const double d = cmean[idx] - mu;
-          m2 += cm2[idx] + static_cast<double>(ch.count(k, p.HW)) * d * d;
-        }
-        channel_mean[i] = mu + param_or(args.params.add, n * p.C + c, 0.f);
-        channel_m2[i] = m2;
-      }
-      double mu = 0.0;
-      for (int64_t i = 0; i < Cg; ++i) mu += channel_mean[i];
-      mu /= static_cast<double>(Cg);
-      double m2 = 0.0;
-      for (int64_t i = 0; i < Cg; ++i) {
-        const double d = channel_mean[i] - mu;
-        m2 += channel_m2[i] + static_cast<double>(p.HW) * d * d;
-      }
-      const double var = m2 / static_cast<double>(Cg * p.HW);
-      const float mean = static_cast<float>(mu);
-      const float rstd = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(args.eps)));
-      args.mean[ng] = mean;
-      args.rstd[ng] = rstd;
-      for (int64_t i = 0; i < Cg; ++i) {
-        const int64_t c = g * Cg + i;
-        pre_activation_coefs(args.params, n, c, p.C, mean, rstd, k);
-      }
-    }
+    for (int64_t ng = begin; ng < end; ++ng) combine_group(args, ch, ng, cmean, cm2, k, channel_mean.data(), channel_m2.data());
   });
 }
 
@@ -330,52 +334,56 @@ void forward_impl(const ForwardArgs& args) {
   Coefs k(p.N * p.C);
 
   if (!p.channels_last) {
-    at::parallel_for(0, p.N * p.C, grain(p.HW), [&](int64_t begin, int64_t end) {
-      for (int64_t nc = begin; nc < end; ++nc) row_moments(x + nc * p.HW, p.HW, cmean[nc], cm2[nc]);
-    });
-  } else {
-    at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> residual(p.C);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
-        chunk_moments(x + (n * p.HW + chunk * ch.rows) * p.C, ch.count(chunk, p.HW), p.C, &cmean[t * p.C],
-                      &cm2[t * p.C], residual.data());
-      }
-    });
-  }
-
-  group_statistics(args, ch, cmean.data(), cm2.data(), k);
-
-  if (!p.channels_last) {
-    at::parallel_for(0, p.N * p.C, grain(p.HW), [&](int64_t begin, int64_t end) {
-      for (int64_t nc = begin; nc < end; ++nc) {
-        const Vec kc(k.K[nc]), a(k.A[nc]), b(k.B[nc]);
-        const T* xr = x + nc * p.HW;
-        T* yr = y + nc * p.HW;
-        for_each_vec(p.HW, [&](int64_t i, int64_t m) {
-          store(yr + i, activate<kSilu>(at::vec::fmadd(load(xr + i, m) - kc, a, b)), m);
-        });
-      }
-    });
-  } else {
-    at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
-        const float* Kn = &k.K[n * p.C];
-        const float* An = &k.A[n * p.C];
-        const float* Bn = &k.B[n * p.C];
-        const int64_t offset = (n * p.HW + chunk * ch.rows) * p.C;
-        for (int64_t r = 0; r < ch.count(chunk, p.HW); ++r) {
-          const T* xr = x + offset + r * p.C;
-          T* yr = y + offset + r * p.C;
-          for_each_vec(p.C, [&](int64_t c, int64_t m) {
-            const Vec hc = load(xr + c, m) - load(Kn + c, m);
-            store(yr + c, activate<kSilu>(at::vec::fmadd(hc, load(An + c, m), load(Bn + c, m))), m);
+    // NCHW: one task per group: its rows' moments, its statistics, then its output while the rows are still in
+    // cache (x is read from memory once).
+    const int64_t Cg = p.C / p.G;
+    at::parallel_for(0, p.N * p.G, grain(Cg * p.HW), [&](int64_t begin, int64_t end) {
+      std::vector<double> channel_mean(Cg), channel_m2(Cg);
+      for (int64_t ng = begin; ng < end; ++ng) {
+        const int64_t first = (ng / p.G) * p.C + (ng % p.G) * Cg;  // n * C + c of the group's first channel
+        for (int64_t nc = first; nc < first + Cg; ++nc) row_moments(x + nc * p.HW, p.HW, cmean[nc], cm2[nc]);
+        combine_group(args, ch, ng, cmean.data(), cm2.data(), k, channel_mean.data(), channel_m2.data());
+        for (int64_t nc = first; nc < first + Cg; ++nc) {
+          const Vec kc(k.K[nc]), a(k.A[nc]), b(k.B[nc]);
+          const T* xr = x + nc * p.HW;
+          T* yr = y + nc * p.HW;
+          for_each_vec(p.HW, [&](int64_t i, int64_t m) {
+            store(yr + i, activate<kSilu>(at::vec::fmadd(load(xr + i, m) - kc, a, b)), m);
           });
         }
       }
     });
+    return;
   }
+
+  at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> residual(p.C);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
+      chunk_moments(x + (n * p.HW + chunk * ch.rows) * p.C, ch.count(chunk, p.HW), p.C, &cmean[t * p.C],
+                    &cm2[t * p.C], residual.data());
+    }
+  });
+
+  group_statistics(args, ch, cmean.data(), cm2.data(), k);
+
+  at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
+      const float* Kn = &k.K[n * p.C];
+      const float* An = &k.A[n * p.C];
+      const float* Bn = &k.B[n * p.C];
+      const int64_t offset = (n * p.HW + chunk * ch.rows) * p.C;
+      for (int64_t r = 0; r < ch.count(chunk, p.HW); ++r) {
+        const T* xr = x + offset + r * p.C;
+        T* yr = y + offset + r * p.C;
+        for_each_vec(p.C, [&](int64_t c, int64_t m) {
+          const Vec hc = load(xr + c, m) - load(Kn + c, m);
+          store(yr + c, activate<kSilu>(at::vec::fmadd(hc, load(An + c, m), load(Bn + c, m))), m);
+        });
+      }
+    }
+  });
 }
 
 //----------------------------------------------------------------------------
@@ -397,60 +405,73 @@ inline Coefs backward_coefs(const BackwardArgs& args) {
 
 // Phase 1 accumulation of one vector: P += dz, Q += dz * hc, H += hc.
 template <bool kSilu>
-inline void accumulate_grad_sums(const Vec& x, const Vec& dy, const Vec& kc, const Vec& a, const Vec& b, int64_t m,
-                                 Vec& P, Vec& Q, Vec& H) {
+inline Vec accumulate_grad_sums(const Vec& x, const Vec& dy, const Vec& kc, const Vec& a, const Vec& b, int64_t m,
+                                Vec& P, Vec& Q, Vec& H) {
   const Vec hc = keep(x - kc, m);
   const Vec dz = grad_pre_activation<kSilu>(at::vec::fmadd(hc, a, b), dy);  // zero in padding lanes (dy = 0 there)
   P += dz;
   Q = at::vec::fmadd(dz, hc, Q);
   H += hc;
+  return dz;
 }
 
-// Phase 2: per group -> dx coefficients E, F, G per (n, c) and the [N, C] parameter gradients.
-inline void grad_coefficients(const BackwardArgs& args, const Chunking& ch, const float* P, const float* Q, const float* H, float* E, float* F, float* G) {
+// Phase 2 for one group ng -> dx coefficients E, F, G per (n, c) and the [N, C] parameter gradients.
+// sp / sq / sh are scratch of Cg doubles.
+inline void group_grad_coefficients(const BackwardArgs& args, const Chunking& ch, int64_t ng, const float* P, const float* Q,
+                                    const float* H, float* E, float* F, float* G, double* sp, double* sq, double* sh) {
   const Problem& p = args.p;
   const Params& pr = args.params;
   const int64_t Cg = p.C / p.G;
   const double M = static_cast<double>(Cg * p.HW);
+  const int64_t n = ng / p.G, g = ng % p.G;
+  const double r = args.rstd[ng];
+  double m1 = 0.0, m2 = 0.0;  // means over the group of dxhat and dxhat * xhat
+  for (int64_t i = 0; i < Cg; ++i) {
+    const int64_t c = g * Cg + i;
+    sp[i] = sq[i] = sh[i] = 0.0;
+    for (int64_t t = 0; t < ch.chunks; ++t) {
+      const int64_t idx = (n * ch.chunks + t) * p.C + c;
+      sp[i] += P[idx];
+      sq[i] += Q[idx];
+      sh[i] += H[idx];
+    }
+    const double gamma = static_cast<double>(pr.weight[c]) * (1.0 + param_or(pr.scale, n * p.C + c, 0.f));
+    m1 += gamma * sp[i];
+    m2 += gamma * r * sq[i];
+  }
+  m1 /= M;
+  m2 /= M;
+  const double f = -r * r * m2;
+  for (int64_t i = 0; i < Cg; ++i) {
+    const int64_t c = g * Cg + i, nc = n * p.C + c;
+    const double s1 = 1.0 + param_or(pr.scale, nc, 0.f);
+    const double e = r * pr.weight[c] * s1;
+    E[nc] = static_cast<float>(e);
+    F[nc] = static_cast<float>(f);
+    G[nc] = static_cast<float>(-r * m1);
+    const double sum_dz_xhat = r * sq[i];
+    if (args.dadd) args.dadd[nc] = static_cast<float>(e * sp[i] + f * sh[i] - r * m1 * static_cast<double>(p.HW));
+    if (args.dscale) args.dscale[nc] = static_cast<float>(pr.weight[c] * sum_dz_xhat + pr.bias[c] * sp[i]);
+    if (args.dshift) args.dshift[nc] = static_cast<float>(sp[i]);
+    args.dweight_per_sample[nc] = static_cast<float>(s1 * sum_dz_xhat);
+    args.dbias_per_sample[nc] = static_cast<float>(s1 * sp[i]);
+  }
+}
+
+// Phase 2 for every group (channels_last: after all chunks of every sample have their sums).
+inline void grad_coefficients(const BackwardArgs& args, const Chunking& ch, const float* P, const float* Q, const float* H,
+                              float* E, float* F, float* G) {
+  const Problem& p = args.p;
+  const int64_t Cg = p.C / p.G;
   at::parallel_for(0, p.N * p.G, grain(Cg * ch.chunks * 8), [&](int64_t begin, int64_t end) {
     std::vector<double> sp(Cg), sq(Cg), sh(Cg);
-    for (int64_t ng = begin; ng < end; ++ng) {
-      const int64_t n = ng / p.G, g = ng % p.G;
-      const double r = args.rstd[ng];
-      double m1 = 0.0, m2 = 0.0;  // means over the group of dxhat and dxhat * xhat
-      for (int64_t i = 0; i < Cg; ++i) {
-        const int64_t c = g * Cg + i;
-        sp[i] = sq[i] = sh[i] = 0.0;
-        for (int64_t t = 0; t < ch.chunks; ++t) {
-          const int64_t idx = (n * ch.chunks + t) * p.C + c;
-          sp[i] += P[idx];
-          sq[i] += Q[idx];
-          sh[i] += H[idx];
-        }
-        const double gamma = static_cast<double>(pr.weight[c]) * (1.0 + param_or(pr.scale, n * p.C + c, 0.f));
-        m1 += gamma * sp[i];
-        m2 += gamma * r * sq[i];
-      }
-      m1 /= M;
-      m2 /= M;
-      const double f = -r * r * m2;
-      for (int64_t i = 0; i < Cg; ++i) {
-        const int64_t c = g * Cg + i, nc = n * p.C + c;
-        const double s1 = 1.0 + param_or(pr.scale, nc, 0.f);
-        const double e = r * pr.weight[c] * s1;
-        E[nc] = static_cast<float>(e);
-        F[nc] = static_cast<float>(f);
-        G[nc] = static_cast<float>(-r * m1);
-        const double sum_dz_xhat = r * sq[i];
-        if (args.dadd) args.dadd[nc] = static_cast<float>(e * sp[i] + f * sh[i] - r * m1 * static_cast<double>(p.HW));
-        if (args.dscale) args.dscale[nc] = static_cast<float>(pr.weight[c] * sum_dz_xhat + pr.bias[c] * sp[i]);
-        if (args.dshift) args.dshift[nc] = static_cast<float>(sp[i]);
-        args.dweight_per_sample[nc] = static_cast<float>(s1 * sum_dz_xhat);
-        args.dbias_per_sample[nc] = static_cast<float>(s1 * sp[i]);
-      }
-    }
+    for (int64_t ng = begin; ng < end; ++ng) group_grad_coefficients(args, ch, ng, P, Q, H, E, F, G, sp.data(), sq.data(), sh.data());
   });
 }
+
+// NCHW backward keeps a group's dz (Cg * HW floats) between its two passes when it fits in this many elements
+// (256 KiB, L2), instead of recomputing the SiLU derivative.
+constexpr int64_t kGroupScratchElements = 65536;
 
 template <typename T, bool kSilu>
 void backward_impl(const BackwardArgs& args) {
@@ -465,81 +486,92 @@ void backward_impl(const BackwardArgs& args) {
   std::vector<float> E(p.N * p.C), F(p.N * p.C), G(p.N * p.C);
 
   if (!p.channels_last) {
-    at::parallel_for(0, p.N * p.C, grain(p.HW), [&](int64_t begin, int64_t end) {
-      for (int64_t nc = begin; nc < end; ++nc) {
-        const Vec kc(k.K[nc]), a(k.A[nc]), b(k.B[nc]);
-        const T* xr = x + nc * p.HW;
-        const T* gr = dy + nc * p.HW;
-        Vec vp(0.f), vq(0.f), vh(0.f);
-        for_each_vec(p.HW, [&](int64_t i, int64_t m) {
-          accumulate_grad_sums<kSilu>(load(xr + i, m), load(gr + i, m), kc, a, b, m, vp, vq, vh);
-        });
-        P[nc] = hsum(vp);
-        Q[nc] = hsum(vq);
-        H[nc] = hsum(vh);
-      }
-    });
-  } else {
-    at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
-        float* Pt = &P[t * p.C];
-        float* Qt = &Q[t * p.C];
-        float* Ht = &H[t * p.C];
-        const int64_t offset = (n * p.HW + chunk * ch.rows) * p.C;
-        for (int64_t r = 0; r < ch.count(chunk, p.HW); ++r) {
-          const T* xr = x + offset + r * p.C;
-          const T* gr = dy + offset + r * p.C;
-          for_each_vec(p.C, [&](int64_t c, int64_t m) {
-            const int64_t nc = n * p.C + c;
-            Vec vp = load(Pt + c, m), vq = load(Qt + c, m), vh = load(Ht + c, m);
-            accumulate_grad_sums<kSilu>(load(xr + c, m), load(gr + c, m), load(&k.K[nc], m), load(&k.A[nc], m),
-                                        load(&k.B[nc], m), m, vp, vq, vh);
-            store(Pt + c, vp, m);
-            store(Qt + c, vq, m);
-            store(Ht + c, vh, m);
+    // NCHW: one task per group: its sums, its coefficients, then its dx while x and dy are still in cache (read
+    // from memory once), with dz kept from the first pass when the group fits the scratch.
+    const int64_t Cg = p.C / p.G;
+    const bool keep_dz = Cg * p.HW <= kGroupScratchElements;
+    at::parallel_for(0, p.N * p.G, grain(Cg * p.HW), [&](int64_t begin, int64_t end) {
+      std::vector<double> sp(Cg), sq(Cg), sh(Cg);
+      std::vector<float> dz_rows(keep_dz ? Cg * p.HW : 0);
+      for (int64_t ng = begin; ng < end; ++ng) {
+        const int64_t first = (ng / p.G) * p.C + (ng % p.G) * Cg;  // n * C + c of the group's first channel
+        for (int64_t nc = first; nc < first + Cg; ++nc) {
+          const Vec kc(k.K[nc]), a(k.A[nc]), b(k.B[nc]);
+          const T* xr = x + nc * p.HW;
+          const T* gr = dy + nc * p.HW;
+          float* dzr = keep_dz ? dz_rows.data() + (nc - first) * p.HW : nullptr;
+          Vec vp(0.f), vq(0.f), vh(0.f);
+          for_each_vec(p.HW, [&](int64_t i, int64_t m) {
+            const Vec dz = accumulate_grad_sums<kSilu>(load(xr + i, m), load(gr + i, m), kc, a, b, m, vp, vq, vh);
+            if (dzr) store(dzr + i, dz, m);
+          });
+          P[nc] = hsum(vp);
+          Q[nc] = hsum(vq);
+          H[nc] = hsum(vh);
+        }
+        group_grad_coefficients(args, ch, ng, P.data(), Q.data(), H.data(), E.data(), F.data(), G.data(), sp.data(),
+                                sq.data(), sh.data());
+        for (int64_t nc = first; nc < first + Cg; ++nc) {
+          const Vec kc(k.K[nc]), a(k.A[nc]), b(k.B[nc]), e(E[nc]), f(F[nc]), g(G[nc]);
+          const T* xr = x + nc * p.HW;
+          const T* gr = dy + nc * p.HW;
+          const float* dzr = keep_dz ? dz_rows.data() + (nc - first) * p.HW : nullptr;
+          T* dxr = dx + nc * p.HW;
+          for_each_vec(p.HW, [&](int64_t i, int64_t m) {
+            const Vec hc = load(xr + i, m) - kc;
+            const Vec dz = dzr ? load(dzr + i, m) : grad_pre_activation<kSilu>(at::vec::fmadd(hc, a, b), load(gr + i, m));
+            store(dxr + i, at::vec::fmadd(dz, e, at::vec::fmadd(hc, f, g)), m);
           });
         }
       }
     });
+    return;
   }
+
+  // channels_last: sums per chunk of rows, all groups' coefficients, then dx per chunk.
+  at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
+      float* Pt = &P[t * p.C];
+      float* Qt = &Q[t * p.C];
+      float* Ht = &H[t * p.C];
+      const int64_t offset = (n * p.HW + chunk * ch.rows) * p.C;
+      for (int64_t r = 0; r < ch.count(chunk, p.HW); ++r) {
+        const T* xr = x + offset + r * p.C;
+        const T* gr = dy + offset + r * p.C;
+        for_each_vec(p.C, [&](int64_t c, int64_t m) {
+          const int64_t nc = n * p.C + c;
+          Vec vp = load(Pt + c, m), vq = load(Qt + c, m), vh = load(Ht + c, m);
+          accumulate_grad_sums<kSilu>(load(xr + c, m), load(gr + c, m), load(&k.K[nc], m), load(&k.A[nc], m),
+                                      load(&k.B[nc], m), m, vp, vq, vh);
+          store(Pt + c, vp, m);
+          store(Qt + c, vq, m);
+          store(Ht + c, vh, m);
+        });
+      }
+    }
+  });
 
   grad_coefficients(args, ch, P.data(), Q.data(), H.data(), E.data(), F.data(), G.data());
 
-  if (!p.channels_last) {
-    at::parallel_for(0, p.N * p.C, grain(p.HW), [&](int64_t begin, int64_t end) {
-      for (int64_t nc = begin; nc < end; ++nc) {
-        const Vec kc(k.K[nc]), a(k.A[nc]), b(k.B[nc]), e(E[nc]), f(F[nc]), g(G[nc]);
-        const T* xr = x + nc * p.HW;
-        const T* gr = dy + nc * p.HW;
-        T* dxr = dx + nc * p.HW;
-        for_each_vec(p.HW, [&](int64_t i, int64_t m) {
-          const Vec hc = load(xr + i, m) - kc;
-          const Vec dz = grad_pre_activation<kSilu>(at::vec::fmadd(hc, a, b), load(gr + i, m));
-          store(dxr + i, at::vec::fmadd(dz, e, at::vec::fmadd(hc, f, g)), m);
+  at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
+      const int64_t offset = (n * p.HW + chunk * ch.rows) * p.C;
+      for (int64_t r = 0; r < ch.count(chunk, p.HW); ++r) {
+        const T* xr = x + offset + r * p.C;
+        const T* gr = dy + offset + r * p.C;
+        T* dxr = dx + offset + r * p.C;
+        for_each_vec(p.C, [&](int64_t c, int64_t m) {
+          const int64_t nc = n * p.C + c;
+          const Vec hc = load(xr + c, m) - load(&k.K[nc], m);
+          const Vec dz = grad_pre_activation<kSilu>(at::vec::fmadd(hc, load(&k.A[nc], m), load(&k.B[nc], m)),
+                                                    load(gr + c, m));
+          store(dxr + c, at::vec::fmadd(dz, load(&E[nc], m), at::vec::fmadd(hc, load(&F[nc], m), load(&G[nc], m))), m);
         });
       }
-    });
-  } else {
-    at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
-        const int64_t offset = (n * p.HW + chunk * ch.rows) * p.C;
-        for (int64_t r = 0; r < ch.count(chunk, p.HW); ++r) {
-          const T* xr = x + offset + r * p.C;
-          const T* gr = dy + offset + r * p.C;
-          T* dxr = dx + offset + r * p.C;
-          for_each_vec(p.C, [&](int64_t c, int64_t m) {
-            const int64_t nc = n * p.C + c;
-            const Vec hc = load(xr + c, m) - load(&k.K[nc], m);
-            const Vec dz = grad_pre_activation<kSilu>(at::vec::fmadd(hc, load(&k.A[nc], m), load(&k.B[nc], m)),
-                                                      load(gr + c, m));
-            store(dxr + c, at::vec::fmadd(dz, load(&E[nc], m), at::vec::fmadd(hc, load(&F[nc], m), load(&G[nc], m))), m);
-          });
-        }
-      }
-    });
-  }
+    }
+  });
 }
 
 //----------------------------------------------------------------------------

@@ -124,9 +124,12 @@ def test_each_cpu_capability(cpu_capability, dtype, channels_last):
 
 
 @pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'nhwc'])
-def test_large_spatial_extent(channels_last):
-    """128 x 128 pixels: several chunks per sample (NHWC) and long rows (NCHW)."""
-    _check((1, 8, 128, 128, 2), torch.float32, channels_last, True, True, True, True)
+@pytest.mark.parametrize('shape', [(1, 8, 128, 128, 2), (1, 16, 128, 128, 2)], ids=['group-64k', 'group-128k'])
+def test_large_spatial_extent(shape, channels_last):
+    """128 x 128 pixels: several chunks per sample (NHWC) and long rows (NCHW). NCHW keeps a group's dz between
+    its passes up to 64Ki elements (4 channels here) and recomputes it beyond (8 channels)."""
+    _check(shape, torch.float32, channels_last, True, True, True, True)
+    _check(shape, torch.bfloat16, channels_last, True, False, False, True)
 
 
 def test_statistics_are_stable_for_large_means():
