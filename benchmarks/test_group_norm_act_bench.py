@@ -120,6 +120,7 @@ def make_step(implementation, x, w, b, add, scale, shift, dy):
 ROUNDS = {'cpu': 60, 'cuda': 50}
 WARMUP_ROUNDS = 10
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+GLIBC_DEFAULT_THRESHOLD = 128 * 1024
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -130,11 +131,16 @@ def warm_allocator():
     process to the next here for the same shape. This is the baseline's best case."""
     try:
         libc = ctypes.CDLL('libc.so.6')
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
     except OSError:
-        pass
+        yield
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
     yield
+    # glibc's static defaults again, so that later benchmark modules in the session (the train-step memory probe
+    # pins its own mmap threshold) do not inherit a heap that is never trimmed.
+    libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+    libc.mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
 
 
 def _cases():
