@@ -26,6 +26,11 @@ def _batched(fn, z, labels, batch):
     return torch.cat([fn(z[i:i + batch], None if labels is None else labels[i:i + batch]) for i in range(0, len(z), batch)])
 
 
+def _demo_fid_and_accuracy(images, labels):
+    m = demo_metrics(images.clamp(-1, 1), labels, ref_stats=demo_reference_stats())
+    return dict(demo_fid=float(m['fid']), demo_accuracy=m['accuracy'])
+
+
 def compare_demo_generators(init_path, snapshot_path, num_images=500, batch=100, heun_steps=18, heun_bf16=True, known=None):
     """Rows of {name, nfe, fid, accuracy, num_images} for (a), (b), (c).
 
@@ -37,32 +42,24 @@ def compare_demo_generators(init_path, snapshot_path, num_images=500, batch=100,
     in fp32 on a 2-core CPU.
     """
     known = known or {}
-    teacher = load_network(init_path).eval()
-    z, labels = demo_latents(num_images, teacher.img_resolution, teacher.img_channels, teacher.label_dim)
-    ref = demo_reference_stats()
+    one_step = one_step_demo_metrics(num_images, batch)  # the same evaluation the training run makes
 
-    def heun(zz, c):
-        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=heun_bf16 and zz.device.type == 'cpu'):
-            return edm_sampler(teacher, zz, c, num_steps=heun_steps)
-
-    def one_step(path, as_class=None):
-        net = load_network(path, as_class=as_class).eval()
-        return lambda zz, c: net.generate(zz, c)
+    def heun():
+        teacher = load_network(init_path).eval()
+        z, labels = demo_latents(num_images, teacher.img_resolution, teacher.img_channels, teacher.label_dim)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=heun_bf16):
+            images = _batched(lambda zz, c: edm_sampler(teacher, zz, c, num_steps=heun_steps), z, labels, batch)
+        return _demo_fid_and_accuracy(images, labels)
 
     rows = []
-    for key, name, nfe, make in [
-        ('raw', '(a) pre-trained, raw one step', 1, lambda: one_step(init_path, 'D2OPrecond')),
+    for key, name, nfe, measure in [
+        ('raw', '(a) pre-trained, raw one step', 1, lambda: one_step(load_network(init_path, as_class='D2OPrecond').eval())),
         ('heun', f'(b) pre-trained + Heun sampler ({heun_steps} steps{", bf16" if heun_bf16 else ""})', 2 * heun_steps - 1,
-         lambda: heun),
-        ('tuned', '(c) fine-tuned one-step generator', 1, lambda: one_step(snapshot_path)),
+         heun),
+        ('tuned', '(c) fine-tuned one-step generator', 1, lambda: one_step(load_network(snapshot_path).eval())),
     ]:
-        if key in known:
-            fid, accuracy = float(known[key]['demo_fid']), known[key]['demo_accuracy']
-        else:
-            images = _batched(make(), z, labels, batch).clamp(-1, 1)
-            m = demo_metrics(images, labels, ref_stats=ref)
-            fid, accuracy = float(m['fid']), m['accuracy']
-        rows.append(dict(name=name, nfe=nfe, fid=fid, accuracy=accuracy, num_images=num_images))
+        m = known[key] if key in known else measure()
+        rows.append(dict(name=name, nfe=nfe, fid=float(m['demo_fid']), accuracy=m['demo_accuracy'], num_images=num_images))
     return rows
 
 
@@ -72,8 +69,7 @@ def one_step_demo_metrics(num_images=500, batch=250):
         z, labels = demo_latents(num_images, net.img_resolution, net.img_channels, net.label_dim)
         device = next(net.parameters()).device
         images = _batched(lambda zz, c: net.generate(zz.to(device), None if c is None else c.to(device)).cpu(), z, labels, batch)
-        m = demo_metrics(images.clamp(-1, 1), labels, ref_stats=demo_reference_stats())
-        return dict(demo_fid=float(m['fid']), demo_accuracy=m['accuracy'])
+        return _demo_fid_and_accuracy(images, labels)
     return evaluate
 
 
