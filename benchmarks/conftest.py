@@ -19,8 +19,23 @@ import pytest
 import torch
 
 THREADS_ENV = 'D2O_FAST_BENCH_THREADS'
-M_MMAP_THRESHOLD = -3
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3    # glibc mallopt parameters
+GLIBC_DEFAULT_THRESHOLD = 128 * 1024           # glibc's static default of both
 MMAP_THRESHOLD_BYTES = 64 * 1024
+
+
+def set_malloc_thresholds(mmap=None, trim=None):
+    """glibc's mmap / trim thresholds in bytes (fixed values also stop glibc adapting them). False if this
+    libc cannot be reached (not glibc): the caller's measurement then runs with the allocator as it is."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:
+        return False
+    if mmap is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, mmap)
+    if trim is not None:
+        libc.mallopt(M_TRIM_THRESHOLD, trim)
+    return True
 
 
 def pytest_configure(config):
@@ -61,7 +76,7 @@ class MemoryProbe:
     def __init__(self):
         self.cuda = torch.cuda.is_available()
         if not self.cuda:
-            ctypes.CDLL('libc.so.6').mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+            set_malloc_thresholds(mmap=MMAP_THRESHOLD_BYTES)
 
     def start(self):
         if self.cuda:
@@ -79,6 +94,19 @@ class MemoryProbe:
             torch.cuda.synchronize()
             return state_bytes + torch.cuda.max_memory_allocated() - self.start_bytes
         return state_bytes + max(_status_kib('VmHWM') - self.start_kib, 0) * 1024
+
+
+@pytest.fixture(scope='module')
+def warm_allocator():
+    """CPU: glibc keeps freed blocks for reuse (fixed 1 GiB mmap and trim thresholds), as it does by itself in a
+    training process's steady state. Without this, whether a fresh multi-MB tensor costs page faults depends on
+    glibc's adaptive thresholds, and the unfused GroupNorm sequence (several such tensors per call) varied 3-9 ms
+    from one process to the next here for the same shape. For a module, then glibc's static defaults again, so that
+    later modules (the train-step memory probe) do not inherit a heap that is never trimmed."""
+    fixed = set_malloc_thresholds(mmap=1 << 30, trim=1 << 30)
+    yield
+    if fixed:
+        set_malloc_thresholds(mmap=GLIBC_DEFAULT_THRESHOLD, trim=GLIBC_DEFAULT_THRESHOLD)
 
 
 @pytest.fixture(scope='session')

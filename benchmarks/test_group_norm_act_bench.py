@@ -12,7 +12,6 @@ torch.compile and apex.contrib.group_norm (when importable) to the comparison.
 Nothing here asserts wall-clock time; the speedup assertion is opt-in via the env var.
 """
 
-import ctypes
 import json
 import os
 import pathlib
@@ -119,28 +118,8 @@ def make_step(implementation, x, w, b, add, scale, shift, dy):
 
 ROUNDS = {'cpu': 60, 'cuda': 50}
 WARMUP_ROUNDS = 10
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-GLIBC_DEFAULT_THRESHOLD = 128 * 1024
-
-
-@pytest.fixture(scope='module', autouse=True)
-def warm_allocator():
-    """CPU: glibc keeps freed blocks for reuse (fixed 1 GiB mmap and trim thresholds), as it does by itself in a
-    training process's steady state. Without this, whether a fresh multi-MB tensor costs page faults depends on
-    glibc's adaptive thresholds, and the unfused sequence (several such tensors per call) varied 3-9 ms from one
-    process to the next here for the same shape. This is the baseline's best case."""
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-    except OSError:
-        yield
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    yield
-    # glibc's static defaults again, so that later benchmark modules in the session (the train-step memory probe
-    # pins its own mmap threshold) do not inherit a heap that is never trimmed.
-    libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
-    libc.mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+# The unfused baseline's best case: glibc keeps freed blocks for reuse (benchmarks/conftest.py).
+pytestmark = pytest.mark.usefixtures('warm_allocator')
 
 
 def _cases():
