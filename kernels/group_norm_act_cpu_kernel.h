@@ -5,21 +5,20 @@
 // and includes it once. at::vec and the code below live in CPU_CAPABILITY namespaces, so
 // the three builds never share a kernel symbol.
 //
-// Algorithm (same for both layouts, all statistics in float32, group combines in double):
-//   forward : 1) per-(sample, channel, chunk) mean and M2 of x (two-pass inside a chunk,
-//                 which is cache resident);  2) per group: Chan-combine -> mean, rstd and the
-//                 per-(sample, channel) coefficients K, A, B with z = (x - K) * A + B;
-//             3) y = act((x - K) * A + B): a subtract and an FMA (+ SiLU) per element.
-//   backward: 1) per-(sample, channel, chunk) sums P = sum dz, Q = sum dz * hc, H = sum hc
-//                 with hc = x - K = x + add - mean;
-//             2) per group: the GroupNorm input-gradient coefficients E, F, G with
-//                 dx = dz * E + hc * F + G, and the [N, C] parameter gradients;
-//             3) dx = dz * E + hc * F + G.
-// Centring on K = mean - add before scaling (rather than folding it into one x * A + B)
-// keeps float32 accurate when |mean| >> std.
-// NCHW runs all three phases per group in one task, so a group's rows are read from memory once and the
-// second pass finds them in cache; its backward keeps dz from phase 1 in a per-task scratch (when the
-// group fits) instead of recomputing the SiLU derivative. channels_last runs each phase over all chunks.
+// Algorithm (all statistics in float32 lanes, accumulated into double):
+//   forward : 1) moments of x + add per group;  2) mean, rstd and the per-(sample, channel) coefficients K, A, B
+//             with z = (x - K) * A + B;  3) y = act((x - K) * A + B): a subtract and an FMA (+ SiLU) per element.
+//   backward: 1) per-(sample, channel) sums P = sum dz, Q = sum dz * hc, H = sum hc with hc = x - K = x + add - mean;
+//             2) per group: the GroupNorm input-gradient coefficients E, F, G with dx = dz * E + hc * F + G, and the
+//                [N, C] parameter gradients;  3) dx = dz * E + hc * F + G.
+// Centring on K = mean - add before scaling (rather than folding it into one x * A + B) keeps float32 accurate when
+// |mean| >> std.
+// NCHW: a group's Cg rows are one contiguous span, and one task runs all three phases for it, so x and dy are read
+// from memory once and the later passes find them in cache. Its moments come from a corrected two-pass over the
+// span with no per-row reduction, so 8x8 rows cost what 32x32 ones do; its backward keeps dz from phase 1 in a
+// per-task scratch (when the group fits) instead of recomputing the SiLU derivative.
+// channels_last: a "chunk" of rows (all channels) is the unit of work; each phase runs over all chunks, with
+// per-(sample, chunk, channel) moments Chan-combined in double.
 
 #if !defined(CPU_CAPABILITY)
 #error "define CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) before including this header"
@@ -161,9 +160,29 @@ inline void for_each_vec(int64_t n, F&& f) {
   if (i < n) f(i, n - i);
 }
 
+// sigmoid(z) = 1 / (1 + exp(-z)).
+// AVX512: exp(-z) = 2^t with t = -z log2(e) clamped above at 100 (so 1 + 2^t stays finite; below 1e-30 the sigmoid
+// is 2^-100 either way), t = n + f with |f| <= 1/2, 2^f from a degree-5 polynomial fitted on that interval (relative
+// error 2e-7 in float32 arithmetic) scaled by 2^n with scalef, and 1 / (1 + 2^t) from the reciprocal estimate and
+// one Newton step: 14 instructions, about half of at::vec's exp_u20 followed by a division. NaN propagates (the
+// min keeps its second operand when unordered). The other builds use exp_u20 and a division.
 inline Vec sigmoid(const Vec& z) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 t = _mm512_min_ps(_mm512_set1_ps(100.f), _mm512_mul_ps(z, _mm512_set1_ps(-1.44269504088896341f)));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(0.0013266970636323094f), f, _mm512_set1_ps(0.009675459936261177f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.05550742521882057f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.24022121727466583f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.6931469440460205f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0000001192092896f));
+  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(q, n), _mm512_set1_ps(1.f));
+  const __m512 r = _mm512_rcp14_ps(d);
+  return Vec(_mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(1.f)), r));  // r + r (1 - d r)
+#else
   const Vec one(1.f);
   return one / (one + z.neg().exp_u20());
+#endif
 }
 
 template <bool kSilu>
@@ -184,19 +203,16 @@ inline Vec grad_pre_activation(const Vec& z, const Vec& dy) {
 }
 
 //----------------------------------------------------------------------------
-// Work decomposition shared by forward and backward.
-//
-// NCHW: a "chunk" is one whole (n, c) row of HW contiguous elements.
-// NHWC: a "chunk" is `rows` consecutive spatial positions of one sample, all channels.
+// Work decomposition of the channels_last kernels (NCHW works per group): a "chunk" is `rows` consecutive spatial
+// positions of one sample, all channels.
 
 struct Chunking {
   int64_t rows;     // spatial positions per chunk
-  int64_t chunks;   // chunks per sample (NHWC) or 1 (NCHW: the row is the chunk)
+  int64_t chunks;   // chunks per sample
   int64_t count(int64_t k, int64_t HW) const { return std::min(rows, HW - k * rows); }
 };
 
 inline Chunking make_chunking(const Problem& p) {
-  if (!p.channels_last) return {p.HW, 1};
   const int64_t rows = std::clamp<int64_t>(kChunkElements / std::max<int64_t>(p.C, 1), 1, p.HW);
   return {rows, (p.HW + rows - 1) / rows};
 }
@@ -208,41 +224,87 @@ inline int64_t grain(int64_t elements_per_task) {
 inline float param_or(const float* t, int64_t i, float otherwise) { return t ? t[i] : otherwise; }
 
 // Per-(n, c) coefficients of z = (x - K) * A + B, from the group's mean and rstd.
+struct Coef {
+  float K, A, B;
+};
+
+inline Coef pre_activation_coef(const Params& pr, int64_t nc, int64_t c, float mean, float rstd) {
+  const float s1 = 1.f + param_or(pr.scale, nc, 0.f);
+  return {mean - param_or(pr.add, nc, 0.f), rstd * pr.weight[c] * s1, pr.bias[c] * s1 + param_or(pr.shift, nc, 0.f)};
+}
+
+// Coef of every (n, c) (channels_last, whose rows cross all channels).
 struct Coefs {
   std::vector<float> K, A, B;
   explicit Coefs(int64_t size) : K(size), A(size), B(size) {}
+  void set(int64_t nc, const Coef& q) {
+    K[nc] = q.K;
+    A[nc] = q.A;
+    B[nc] = q.B;
+  }
 };
-
-inline void pre_activation_coefs(const Params& pr, int64_t n, int64_t c, int64_t C, float mean, float rstd,
-                                 Coefs& k) {
-  const int64_t nc = n * C + c;
-  const float s1 = 1.f + param_or(pr.scale, nc, 0.f);
-  k.K[nc] = mean - param_or(pr.add, nc, 0.f);
-  k.A[nc] = rstd * pr.weight[c] * s1;
-  k.B[nc] = pr.bias[c] * s1 + param_or(pr.shift, nc, 0.f);
-}
 
 //----------------------------------------------------------------------------
 // Forward.
 
-// Phase 1, NCHW: mean and M2 of one contiguous row, corrected two-pass (the row is L1/L2
-// resident for the second pass): the second pass also sums the residuals d = x - mean to
-// remove the rounding error of the first-pass mean (matters when |mean| >> std).
+// Sums of vectors over a long run in float32 lanes, flushed to a double total every kFlushElements elements (and at
+// the end), so lane round-off stays that of a short sum while short rows still cost no horizontal sum each.
+class RunningSum {
+ public:
+  void add(const Vec& v) { acc_ += v; }
+  // After each row of `count` elements.
+  void end_row(int64_t count) {
+    pending_ += count;
+    if (pending_ >= kFlushElements) flush();
+  }
+  double total() {
+    flush();
+    return total_;
+  }
+
+ private:
+  static constexpr int64_t kFlushElements = 4096;
+  void flush() {
+    total_ += static_cast<double>(hsum(acc_));
+    acc_ = Vec(0.f);
+    pending_ = 0;
+  }
+  Vec acc_{0.f};
+  int64_t pending_ = 0;
+  double total_ = 0.0;
+};
+
+// Phase 1 + 2, NCHW: mean and rstd of one group of x + add, whose Cg rows of HW elements are one contiguous span,
+// corrected two-pass (the span is L1/L2 resident for the second pass, which also sums the residuals d = h - mean
+// to remove the rounding error of the first-pass mean; matters when |mean| >> std). No per-row reductions, so
+// short rows (8x8) cost what long ones do.
 template <typename T>
-inline void row_moments(const T* x, int64_t n, float& mean, float& m2) {
-  Vec s(0.f);
-  for_each_vec(n, [&](int64_t i, int64_t m) { s += load(x + i, m); });
-  const float mean0 = hsum(s) / static_cast<float>(n);
-  const Vec mv(mean0);
-  Vec q(0.f), r(0.f);
-  for_each_vec(n, [&](int64_t i, int64_t m) {
-    const Vec d = keep(load(x + i, m) - mv, m);
-    r += d;
-    q = at::vec::fmadd(d, d, q);
-  });
-  const float residual = hsum(r);
-  mean = mean0 + residual / static_cast<float>(n);
-  m2 = std::max(hsum(q) - residual * residual / static_cast<float>(n), 0.f);
+inline void group_moments_nchw(const T* xg, const float* add, int64_t Cg, int64_t HW, float eps, float& mean,
+                               float& rstd) {
+  const double count = static_cast<double>(Cg * HW);
+  RunningSum sum;
+  for (int64_t i = 0; i < Cg; ++i) {
+    for_each_vec(HW, [&](int64_t j, int64_t m) { sum.add(load(xg + i * HW + j, m)); });
+    sum.end_row(HW);
+  }
+  double add_sum = 0.0;
+  if (add) for (int64_t i = 0; i < Cg; ++i) add_sum += add[i];
+  const float mean0 = static_cast<float>((sum.total() + static_cast<double>(HW) * add_sum) / count);
+  RunningSum residual, square;
+  for (int64_t i = 0; i < Cg; ++i) {
+    const Vec k(mean0 - (add ? add[i] : 0.f));  // h - mean0 = x - k
+    for_each_vec(HW, [&](int64_t j, int64_t m) {
+      const Vec d = keep(load(xg + i * HW + j, m) - k, m);
+      residual.add(d);
+      square.add(d * d);
+    });
+    residual.end_row(HW);
+    square.end_row(HW);
+  }
+  const double r = residual.total();
+  const double var = std::max(square.total() - r * r / count, 0.0) / count;
+  mean = static_cast<float>(static_cast<double>(mean0) + r / count);
+  rstd = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
 }
 
 // Phase 1, NHWC: per-channel mean and M2 over `rows` rows of C channels, corrected two-pass
@@ -310,7 +372,7 @@ inline void combine_group(const ForwardArgs& args, const Chunking& ch, int64_t n
   const float rstd = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(args.eps)));
   args.mean[ng] = mean;
   args.rstd[ng] = rstd;
-  for (int64_t i = 0; i < Cg; ++i) pre_activation_coefs(args.params, n, g * Cg + i, p.C, mean, rstd, k);
+  for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) k.set(n * p.C + c, pre_activation_coef(args.params, n * p.C + c, c, mean, rstd));
 }
 
 // Phase 2 for every group (channels_last: after all chunks of every sample have their moments).
@@ -324,38 +386,41 @@ inline void group_statistics(const ForwardArgs& args, const Chunking& ch, const 
   });
 }
 
+// NCHW: one task per group: its statistics, then its output while the group is still in cache (x is read from
+// memory once).
 template <typename T, bool kSilu>
-void forward_impl(const ForwardArgs& args) {
+void forward_nchw(const ForwardArgs& args) {
   const Problem& p = args.p;
   const T* x = static_cast<const T*>(args.x);
   T* y = static_cast<T*>(args.y);
+  const int64_t Cg = p.C / p.G;
+  at::parallel_for(0, p.N * p.G, grain(Cg * p.HW), [&](int64_t begin, int64_t end) {
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / p.G, first = n * p.C + (ng % p.G) * Cg;  // n * C + c of the group's first channel
+      group_moments_nchw(x + first * p.HW, args.params.add ? args.params.add + first : nullptr, Cg, p.HW, args.eps,
+                         args.mean[ng], args.rstd[ng]);
+      for (int64_t nc = first; nc < first + Cg; ++nc) {
+        const Coef q = pre_activation_coef(args.params, nc, nc - n * p.C, args.mean[ng], args.rstd[ng]);
+        const Vec kc(q.K), a(q.A), b(q.B);
+        const T* xr = x + nc * p.HW;
+        T* yr = y + nc * p.HW;
+        for_each_vec(p.HW, [&](int64_t i, int64_t m) {
+          store(yr + i, activate<kSilu>(at::vec::fmadd(load(xr + i, m) - kc, a, b)), m);
+        });
+      }
+    }
+  });
+}
+
+// channels_last: moments per chunk of rows, all groups' statistics, then the output per chunk.
+template <typename T, bool kSilu>
+void forward_nhwc(const ForwardArgs& args) {
+  const Problem& p = args.p;
+  const T* x = static_cast<const T*>(args.x);
+  T* y = static_cast<T*>(args.y);
+  Coefs k(p.N * p.C);
   const Chunking ch = make_chunking(p);
   std::vector<float> cmean(p.N * ch.chunks * p.C), cm2(p.N * ch.chunks * p.C);
-  Coefs k(p.N * p.C);
-
-  if (!p.channels_last) {
-    // NCHW: one task per group: its rows' moments, its statistics, then its output while the rows are still in
-    // cache (x is read from memory once).
-    const int64_t Cg = p.C / p.G;
-    at::parallel_for(0, p.N * p.G, grain(Cg * p.HW), [&](int64_t begin, int64_t end) {
-      std::vector<double> channel_mean(Cg), channel_m2(Cg);
-      for (int64_t ng = begin; ng < end; ++ng) {
-        const int64_t first = (ng / p.G) * p.C + (ng % p.G) * Cg;  // n * C + c of the group's first channel
-        for (int64_t nc = first; nc < first + Cg; ++nc) row_moments(x + nc * p.HW, p.HW, cmean[nc], cm2[nc]);
-        combine_group(args, ch, ng, cmean.data(), cm2.data(), k, channel_mean.data(), channel_m2.data());
-        for (int64_t nc = first; nc < first + Cg; ++nc) {
-          const Vec kc(k.K[nc]), a(k.A[nc]), b(k.B[nc]);
-          const T* xr = x + nc * p.HW;
-          T* yr = y + nc * p.HW;
-          for_each_vec(p.HW, [&](int64_t i, int64_t m) {
-            store(yr + i, activate<kSilu>(at::vec::fmadd(load(xr + i, m) - kc, a, b)), m);
-          });
-        }
-      }
-    });
-    return;
-  }
-
   at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> residual(p.C);
     for (int64_t t = begin; t < end; ++t) {
@@ -397,7 +462,7 @@ inline Coefs backward_coefs(const BackwardArgs& args) {
   for (int64_t n = 0; n < p.N; ++n) {
     for (int64_t c = 0; c < p.C; ++c) {
       const int64_t ng = n * p.G + c / Cg;
-      pre_activation_coefs(args.params, n, c, p.C, args.mean[ng], args.rstd[ng], k);
+      k.set(n * p.C + c, pre_activation_coef(args.params, n * p.C + c, c, args.mean[ng], args.rstd[ng]));
     }
   }
   return k;
@@ -415,27 +480,21 @@ inline Vec accumulate_grad_sums(const Vec& x, const Vec& dy, const Vec& kc, cons
   return dz;
 }
 
-// Phase 2 for one group ng -> dx coefficients E, F, G per (n, c) and the [N, C] parameter gradients.
-// sp / sq / sh are scratch of Cg doubles.
-inline void group_grad_coefficients(const BackwardArgs& args, const Chunking& ch, int64_t ng, const float* P, const float* Q,
-                                    const float* H, float* E, float* F, float* G, double* sp, double* sq, double* sh) {
+// Phase 2 for one group ng, from its channels' totals sp = sum dz, sq = sum dz * hc, sh = sum hc (sh only read when
+// there is an add): the dx coefficients E, F, G of its Cg channels (written to E[0, Cg) ...) and its [N, C]
+// parameter gradients.
+inline void group_grad_coefficients(const BackwardArgs& args, int64_t ng, const double* sp, const double* sq,
+                                    const double* sh, float* E, float* F, float* G) {
   const Problem& p = args.p;
   const Params& pr = args.params;
   const int64_t Cg = p.C / p.G;
   const double M = static_cast<double>(Cg * p.HW);
-  const int64_t n = ng / p.G, g = ng % p.G;
+  const int64_t n = ng / p.G, first = n * p.C + (ng % p.G) * Cg;  // n * C + c of the group's first channel
   const double r = args.rstd[ng];
   double m1 = 0.0, m2 = 0.0;  // means over the group of dxhat and dxhat * xhat
   for (int64_t i = 0; i < Cg; ++i) {
-    const int64_t c = g * Cg + i;
-    sp[i] = sq[i] = sh[i] = 0.0;
-    for (int64_t t = 0; t < ch.chunks; ++t) {
-      const int64_t idx = (n * ch.chunks + t) * p.C + c;
-      sp[i] += P[idx];
-      sq[i] += Q[idx];
-      sh[i] += H[idx];
-    }
-    const double gamma = static_cast<double>(pr.weight[c]) * (1.0 + param_or(pr.scale, n * p.C + c, 0.f));
+    const int64_t nc = first + i, c = nc - n * p.C;
+    const double gamma = static_cast<double>(pr.weight[c]) * (1.0 + param_or(pr.scale, nc, 0.f));
     m1 += gamma * sp[i];
     m2 += gamma * r * sq[i];
   }
@@ -443,12 +502,12 @@ inline void group_grad_coefficients(const BackwardArgs& args, const Chunking& ch
   m2 /= M;
   const double f = -r * r * m2;
   for (int64_t i = 0; i < Cg; ++i) {
-    const int64_t c = g * Cg + i, nc = n * p.C + c;
+    const int64_t nc = first + i, c = nc - n * p.C;
     const double s1 = 1.0 + param_or(pr.scale, nc, 0.f);
     const double e = r * pr.weight[c] * s1;
-    E[nc] = static_cast<float>(e);
-    F[nc] = static_cast<float>(f);
-    G[nc] = static_cast<float>(-r * m1);
+    E[i] = static_cast<float>(e);
+    F[i] = static_cast<float>(f);
+    G[i] = static_cast<float>(-r * m1);
     const double sum_dz_xhat = r * sq[i];
     if (args.dadd) args.dadd[nc] = static_cast<float>(e * sp[i] + f * sh[i] - r * m1 * static_cast<double>(p.HW));
     if (args.dscale) args.dscale[nc] = static_cast<float>(pr.weight[c] * sum_dz_xhat + pr.bias[c] * sp[i]);
@@ -458,23 +517,65 @@ inline void group_grad_coefficients(const BackwardArgs& args, const Chunking& ch
   }
 }
 
-// Phase 2 for every group (channels_last: after all chunks of every sample have their sums).
-inline void grad_coefficients(const BackwardArgs& args, const Chunking& ch, const float* P, const float* Q, const float* H,
-                              float* E, float* F, float* G) {
-  const Problem& p = args.p;
-  const int64_t Cg = p.C / p.G;
-  at::parallel_for(0, p.N * p.G, grain(Cg * ch.chunks * 8), [&](int64_t begin, int64_t end) {
-    std::vector<double> sp(Cg), sq(Cg), sh(Cg);
-    for (int64_t ng = begin; ng < end; ++ng) group_grad_coefficients(args, ch, ng, P, Q, H, E, F, G, sp.data(), sq.data(), sh.data());
-  });
-}
-
 // NCHW backward keeps a group's dz (Cg * HW floats) between its two passes when it fits in this many elements
 // (256 KiB, L2), instead of recomputing the SiLU derivative.
 constexpr int64_t kGroupScratchElements = 65536;
 
+// NCHW: one task per group: its sums, its coefficients, then its dx while x and dy are still in cache (read from
+// memory once), with dz kept from the first pass when the group fits the scratch.
 template <typename T, bool kSilu>
-void backward_impl(const BackwardArgs& args) {
+void backward_nchw(const BackwardArgs& args) {
+  const Problem& p = args.p;
+  const T* x = static_cast<const T*>(args.x);
+  const T* dy = static_cast<const T*>(args.dy);
+  T* dx = static_cast<T*>(args.dx);
+  const int64_t Cg = p.C / p.G;
+  const bool keep_dz = Cg * p.HW <= kGroupScratchElements;
+  const bool need_h = args.dadd != nullptr;
+  at::parallel_for(0, p.N * p.G, grain(Cg * p.HW), [&](int64_t begin, int64_t end) {
+    std::vector<double> sp(Cg), sq(Cg), sh(Cg);
+    std::vector<float> E(Cg), F(Cg), G(Cg);
+    std::vector<float> dz_rows(keep_dz ? Cg * p.HW : 0);
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / p.G, first = n * p.C + (ng % p.G) * Cg;  // n * C + c of the group's first channel
+      for (int64_t i = 0; i < Cg; ++i) {
+        const int64_t nc = first + i;
+        const Coef q = pre_activation_coef(args.params, nc, nc - n * p.C, args.mean[ng], args.rstd[ng]);
+        const Vec kc(q.K), a(q.A), b(q.B);
+        const T* xr = x + nc * p.HW;
+        const T* gr = dy + nc * p.HW;
+        float* dzr = keep_dz ? dz_rows.data() + i * p.HW : nullptr;
+        Vec vp(0.f), vq(0.f), vh(0.f);
+        for_each_vec(p.HW, [&](int64_t j, int64_t m) {
+          const Vec dz = accumulate_grad_sums<kSilu>(load(xr + j, m), load(gr + j, m), kc, a, b, m, vp, vq, vh);
+          if (dzr) store(dzr + j, dz, m);
+        });
+        sp[i] = hsum(vp);
+        sq[i] = hsum(vq);
+        sh[i] = need_h ? hsum(vh) : 0.0;
+      }
+      group_grad_coefficients(args, ng, sp.data(), sq.data(), sh.data(), E.data(), F.data(), G.data());
+      for (int64_t i = 0; i < Cg; ++i) {
+        const int64_t nc = first + i;
+        const Coef q = pre_activation_coef(args.params, nc, nc - n * p.C, args.mean[ng], args.rstd[ng]);
+        const Vec kc(q.K), a(q.A), b(q.B), e(E[i]), f(F[i]), g(G[i]);
+        const T* xr = x + nc * p.HW;
+        const T* gr = dy + nc * p.HW;
+        const float* dzr = keep_dz ? dz_rows.data() + i * p.HW : nullptr;
+        T* dxr = dx + nc * p.HW;
+        for_each_vec(p.HW, [&](int64_t j, int64_t m) {
+          const Vec hc = load(xr + j, m) - kc;
+          const Vec dz = dzr ? load(dzr + j, m) : grad_pre_activation<kSilu>(at::vec::fmadd(hc, a, b), load(gr + j, m));
+          store(dxr + j, at::vec::fmadd(dz, e, at::vec::fmadd(hc, f, g)), m);
+        });
+      }
+    }
+  });
+}
+
+// channels_last: sums per chunk of rows, all groups' coefficients, then dx per chunk.
+template <typename T, bool kSilu>
+void backward_nhwc(const BackwardArgs& args) {
   const Problem& p = args.p;
   const T* x = static_cast<const T*>(args.x);
   const T* dy = static_cast<const T*>(args.dy);
@@ -485,50 +586,6 @@ void backward_impl(const BackwardArgs& args) {
   std::vector<float> P(partials), Q(partials), H(partials);
   std::vector<float> E(p.N * p.C), F(p.N * p.C), G(p.N * p.C);
 
-  if (!p.channels_last) {
-    // NCHW: one task per group: its sums, its coefficients, then its dx while x and dy are still in cache (read
-    // from memory once), with dz kept from the first pass when the group fits the scratch.
-    const int64_t Cg = p.C / p.G;
-    const bool keep_dz = Cg * p.HW <= kGroupScratchElements;
-    at::parallel_for(0, p.N * p.G, grain(Cg * p.HW), [&](int64_t begin, int64_t end) {
-      std::vector<double> sp(Cg), sq(Cg), sh(Cg);
-      std::vector<float> dz_rows(keep_dz ? Cg * p.HW : 0);
-      for (int64_t ng = begin; ng < end; ++ng) {
-        const int64_t first = (ng / p.G) * p.C + (ng % p.G) * Cg;  // n * C + c of the group's first channel
-        for (int64_t nc = first; nc < first + Cg; ++nc) {
-          const Vec kc(k.K[nc]), a(k.A[nc]), b(k.B[nc]);
-          const T* xr = x + nc * p.HW;
-          const T* gr = dy + nc * p.HW;
-          float* dzr = keep_dz ? dz_rows.data() + (nc - first) * p.HW : nullptr;
-          Vec vp(0.f), vq(0.f), vh(0.f);
-          for_each_vec(p.HW, [&](int64_t i, int64_t m) {
-            const Vec dz = accumulate_grad_sums<kSilu>(load(xr + i, m), load(gr + i, m), kc, a, b, m, vp, vq, vh);
-            if (dzr) store(dzr + i, dz, m);
-          });
-          P[nc] = hsum(vp);
-          Q[nc] = hsum(vq);
-          H[nc] = hsum(vh);
-        }
-        group_grad_coefficients(args, ch, ng, P.data(), Q.data(), H.data(), E.data(), F.data(), G.data(), sp.data(),
-                                sq.data(), sh.data());
-        for (int64_t nc = first; nc < first + Cg; ++nc) {
-          const Vec kc(k.K[nc]), a(k.A[nc]), b(k.B[nc]), e(E[nc]), f(F[nc]), g(G[nc]);
-          const T* xr = x + nc * p.HW;
-          const T* gr = dy + nc * p.HW;
-          const float* dzr = keep_dz ? dz_rows.data() + (nc - first) * p.HW : nullptr;
-          T* dxr = dx + nc * p.HW;
-          for_each_vec(p.HW, [&](int64_t i, int64_t m) {
-            const Vec hc = load(xr + i, m) - kc;
-            const Vec dz = dzr ? load(dzr + i, m) : grad_pre_activation<kSilu>(at::vec::fmadd(hc, a, b), load(gr + i, m));
-            store(dxr + i, at::vec::fmadd(dz, e, at::vec::fmadd(hc, f, g)), m);
-          });
-        }
-      }
-    });
-    return;
-  }
-
-  // channels_last: sums per chunk of rows, all groups' coefficients, then dx per chunk.
   at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
@@ -552,7 +609,25 @@ void backward_impl(const BackwardArgs& args) {
     }
   });
 
-  grad_coefficients(args, ch, P.data(), Q.data(), H.data(), E.data(), F.data(), G.data());
+  // Every group's coefficients from its channels' chunk sums.
+  const int64_t Cg = p.C / p.G;
+  at::parallel_for(0, p.N * p.G, grain(Cg * ch.chunks * 8), [&](int64_t begin, int64_t end) {
+    std::vector<double> sp(Cg), sq(Cg), sh(Cg);
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / p.G, c0 = (ng % p.G) * Cg;
+      for (int64_t i = 0; i < Cg; ++i) {
+        sp[i] = sq[i] = sh[i] = 0.0;
+        for (int64_t t = 0; t < ch.chunks; ++t) {
+          const int64_t idx = (n * ch.chunks + t) * p.C + c0 + i;
+          sp[i] += P[idx];
+          sq[i] += Q[idx];
+          sh[i] += H[idx];
+        }
+      }
+      const int64_t first = n * p.C + c0;
+      group_grad_coefficients(args, ng, sp.data(), sq.data(), sh.data(), &E[first], &F[first], &G[first]);
+    }
+  });
 
   at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -588,9 +663,13 @@ inline void dispatch(const Args& args) {
 }
 
 template <typename T, bool kSilu>
-struct ForwardKernel { static void run(const ForwardArgs& a) { forward_impl<T, kSilu>(a); } };
+struct ForwardKernel {
+  static void run(const ForwardArgs& a) { a.p.channels_last ? forward_nhwc<T, kSilu>(a) : forward_nchw<T, kSilu>(a); }
+};
 template <typename T, bool kSilu>
-struct BackwardKernel { static void run(const BackwardArgs& a) { backward_impl<T, kSilu>(a); } };
+struct BackwardKernel {
+  static void run(const BackwardArgs& a) { a.p.channels_last ? backward_nhwc<T, kSilu>(a) : backward_nchw<T, kSilu>(a); }
+};
 
 void forward(const ForwardArgs& args) { dispatch<ForwardKernel>(args); }
 void backward(const BackwardArgs& args) { dispatch<BackwardKernel>(args); }

@@ -152,6 +152,45 @@ def test_saturated_silu_stays_finite():
     torch.testing.assert_close(y, group_norm_act_reference(x, w, b, 2, EPS), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'nhwc'])
+def test_silu_matches_float64_over_its_whole_range(channels_last):
+    """Pre-activations from -120 to 120 (the vectorised sigmoid clamps its exponent and uses a reciprocal estimate):
+    y and dx stay within float32 tolerance of float64 relative to each element's own magnitude."""
+    z = torch.linspace(-120, 120, 2 * 16 * 8 * 8, dtype=torch.float64)
+    x = z[torch.randperm(z.numel(), generator=torch.Generator().manual_seed(0))].reshape(2, 16, 8, 8)
+    x32 = x.float().contiguous(memory_format=_layout(channels_last))
+    w, b = torch.ones(16), torch.zeros(16)
+    y, mean, rstd = native.forward(x32, w, b, None, None, None, 4, EPS, True)
+    dy = torch.ones_like(x32)
+    dx, *_ = native.backward(dy, x32, w, b, None, None, None, mean, rstd, 4, True)
+    xd = x32.double().requires_grad_()
+    y_ref = group_norm_act_reference(xd, w.double(), b.double(), 4, EPS)
+    dx_ref, = torch.autograd.grad(y_ref, xd, dy.double())
+    assert ((y.double() - y_ref).abs() <= 2e-5 * y_ref.abs() + 1e-6).all()
+    assert ((dx.double() - dx_ref).abs() <= 2e-5 * dx_ref.abs().max()).all()
+
+
+def test_nan_input_propagates():
+    """A NaN in x shows in its group's output (the sigmoid's clamp must not turn it into a number)."""
+    x = torch.randn(2, 8, 4, 4)
+    x[1, 5, 2, 3] = float('nan')
+    y, mean, rstd = native.forward(x, torch.ones(8), torch.zeros(8), None, None, None, 2, EPS, True)
+    assert torch.isnan(y[1, 4:]).all() and torch.isfinite(y[0]).all() and torch.isfinite(y[1, :4]).all()
+
+
+def test_group_channels_with_far_apart_means():
+    """Channels of one group centred at -1000 .. 1000 with unit spread, 8x8 rows: the NCHW statistics over the whole
+    contiguous group (no per-row reduction) keep the variance of the mixture."""
+    for channels_last in (False, True):
+        x, weight, bias, a, s, t, dy = _make_case((2, 32, 8, 8, 2), torch.float32, channels_last, True, True, True)
+        offsets = torch.linspace(-1000, 1000, 32)[None, :, None, None]
+        x = (x + offsets).contiguous(memory_format=_layout(channels_last))
+        y, mean, rstd = native.forward(x, weight, bias, a, s, t, 2, EPS, True)
+        y_ref, mean_ref, rstd_ref, _ = _reference(x, weight, bias, a, s, t, dy, 2, True)
+        assert _relative_error(mean, mean_ref) < 1e-5 and _relative_error(rstd, rstd_ref) < 1e-5
+        assert _relative_error(y, y_ref) < TOLERANCE[torch.float32]
+
+
 def test_dy_in_another_layout():
     x, weight, bias, a, s, t, dy = _make_case((2, 8, 4, 4, 2), torch.float32, True, True, True, True)
     y, mean, rstd = native.forward(x, weight, bias, a, s, t, 2, EPS, True)
