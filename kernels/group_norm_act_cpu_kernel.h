@@ -517,12 +517,14 @@ inline void group_grad_coefficients(const BackwardArgs& args, int64_t ng, const 
   }
 }
 
-// NCHW backward keeps a group's dz (Cg * HW floats) between its two passes when it fits in this many elements
-// (256 KiB, L2), instead of recomputing the SiLU derivative.
+// NCHW backward keeps a group's dz between its two passes instead of recomputing the SiLU derivative: float32 keeps
+// it in dx itself (so the first pass also brings dx's lines into cache, and the second reads and overwrites them
+// there); 16-bit types keep it in a per-task scratch when the group has at most this many elements (256 KiB, L2),
+// and prefetch dx's lines for writing during the first pass.
 constexpr int64_t kGroupScratchElements = 65536;
 
 // NCHW: one task per group: its sums, its coefficients, then its dx while x and dy are still in cache (read from
-// memory once), with dz kept from the first pass when the group fits the scratch.
+// memory once).
 template <typename T, bool kSilu>
 void backward_nchw(const BackwardArgs& args) {
   const Problem& p = args.p;
@@ -530,23 +532,34 @@ void backward_nchw(const BackwardArgs& args) {
   const T* dy = static_cast<const T*>(args.dy);
   T* dx = static_cast<T*>(args.dx);
   const int64_t Cg = p.C / p.G;
-  const bool keep_dz = Cg * p.HW <= kGroupScratchElements;
-  const bool need_h = args.dadd != nullptr;
+  constexpr bool kDzInDx = std::is_same_v<T, float>;
+  const bool in_scratch = !kDzInDx && Cg * p.HW <= kGroupScratchElements;
+  const bool need_h = args.dadd != nullptr;  // sum hc only enters dadd
   at::parallel_for(0, p.N * p.G, grain(Cg * p.HW), [&](int64_t begin, int64_t end) {
     std::vector<double> sp(Cg), sq(Cg), sh(Cg);
     std::vector<float> E(Cg), F(Cg), G(Cg);
-    std::vector<float> dz_rows(keep_dz ? Cg * p.HW : 0);
+    std::vector<float> scratch(in_scratch ? Cg * p.HW : 0);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / p.G, first = n * p.C + (ng % p.G) * Cg;  // n * C + c of the group's first channel
+      // Where row i's dz is kept (nullptr: recomputed).
+      const auto dz_row = [&](int64_t i) -> float* {
+        if constexpr (kDzInDx) {
+          return dx + (first + i) * p.HW;
+        } else {
+          return in_scratch ? scratch.data() + i * p.HW : nullptr;
+        }
+      };
       for (int64_t i = 0; i < Cg; ++i) {
         const int64_t nc = first + i;
         const Coef q = pre_activation_coef(args.params, nc, nc - n * p.C, args.mean[ng], args.rstd[ng]);
         const Vec kc(q.K), a(q.A), b(q.B);
         const T* xr = x + nc * p.HW;
         const T* gr = dy + nc * p.HW;
-        float* dzr = keep_dz ? dz_rows.data() + i * p.HW : nullptr;
+        T* dxr = dx + nc * p.HW;
+        float* dzr = dz_row(i);
         Vec vp(0.f), vq(0.f), vh(0.f);
         for_each_vec(p.HW, [&](int64_t j, int64_t m) {
+          if constexpr (!kDzInDx) __builtin_prefetch(dxr + j, 1);
           const Vec dz = accumulate_grad_sums<kSilu>(load(xr + j, m), load(gr + j, m), kc, a, b, m, vp, vq, vh);
           if (dzr) store(dzr + j, dz, m);
         });
@@ -561,7 +574,7 @@ void backward_nchw(const BackwardArgs& args) {
         const Vec kc(q.K), a(q.A), b(q.B), e(E[i]), f(F[i]), g(G[i]);
         const T* xr = x + nc * p.HW;
         const T* gr = dy + nc * p.HW;
-        const float* dzr = keep_dz ? dz_rows.data() + i * p.HW : nullptr;
+        const float* dzr = dz_row(i);
         T* dxr = dx + nc * p.HW;
         for_each_vec(p.HW, [&](int64_t j, int64_t m) {
           const Vec hc = load(xr + j, m) - kc;

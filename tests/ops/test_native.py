@@ -126,8 +126,9 @@ def test_each_cpu_capability(cpu_capability, dtype, channels_last):
 @pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'nhwc'])
 @pytest.mark.parametrize('shape', [(1, 8, 128, 128, 2), (1, 16, 128, 128, 2)], ids=['group-64k', 'group-128k'])
 def test_large_spatial_extent(shape, channels_last):
-    """128 x 128 pixels: several chunks per sample (NHWC) and long rows (NCHW). NCHW keeps a group's dz between
-    its passes up to 64Ki elements (4 channels here) and recomputes it beyond (8 channels)."""
+    """128 x 128 pixels: several chunks per sample (NHWC) and long rows (NCHW). NCHW keeps a group's dz between its
+    passes in dx for float32; bfloat16 keeps it in a scratch up to 64Ki elements (4 channels here) and recomputes
+    it beyond (8 channels)."""
     _check(shape, torch.float32, channels_last, True, True, True, True)
     _check(shape, torch.bfloat16, channels_last, True, False, False, True)
 
