@@ -217,6 +217,39 @@ inline Chunking make_chunking(const Problem& p) {
   return {rows, (p.HW + rows - 1) / rows};
 }
 
+// Runs the three phases of a channels_last kernel: chunk(t) over every chunk t = n * chunks + k, then group(ng) over
+// every group, then chunk2(t) over every chunk; make_scratch() gives each task its scratch. With at least as many
+// samples as threads, one task runs all three phases for a sample, so the later phases find the sample's x and dy
+// in L2 (a sample of 8x8 x 512 or 16x16 x 256 is 128-256 KiB); with fewer, each phase is parallel over all chunks
+// or groups.
+template <typename Scratch, typename MakeScratch, typename Phase1, typename Phase2, typename Phase3>
+void run_phases_nhwc(const Problem& p, const Chunking& ch, MakeScratch&& make_scratch, Phase1&& phase1,
+                     Phase2&& phase2, Phase3&& phase3) {
+  if (p.N >= at::get_num_threads()) {
+    at::parallel_for(0, p.N, 1, [&](int64_t begin, int64_t end) {
+      Scratch scratch = make_scratch();
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t t = n * ch.chunks; t < (n + 1) * ch.chunks; ++t) phase1(t, scratch);
+        for (int64_t ng = n * p.G; ng < (n + 1) * p.G; ++ng) phase2(ng, scratch);
+        for (int64_t t = n * ch.chunks; t < (n + 1) * ch.chunks; ++t) phase3(t, scratch);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch = make_scratch();
+    for (int64_t t = begin; t < end; ++t) phase1(t, scratch);
+  });
+  at::parallel_for(0, p.N * p.G, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch = make_scratch();
+    for (int64_t ng = begin; ng < end; ++ng) phase2(ng, scratch);
+  });
+  at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch = make_scratch();
+    for (int64_t t = begin; t < end; ++t) phase3(t, scratch);
+  });
+}
+
 inline int64_t grain(int64_t elements_per_task) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(elements_per_task, 1));
 }
@@ -375,17 +408,6 @@ inline void combine_group(const ForwardArgs& args, const Chunking& ch, int64_t n
   for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) k.set(n * p.C + c, pre_activation_coef(args.params, n * p.C + c, c, mean, rstd));
 }
 
-// Phase 2 for every group (channels_last: after all chunks of every sample have their moments).
-inline void group_statistics(const ForwardArgs& args, const Chunking& ch, const float* cmean, const float* cm2,
-                             Coefs& k) {
-  const Problem& p = args.p;
-  const int64_t Cg = p.C / p.G;
-  at::parallel_for(0, p.N * p.G, grain(Cg * ch.chunks * 8), [&](int64_t begin, int64_t end) {
-    std::vector<double> channel_mean(Cg), channel_m2(Cg);
-    for (int64_t ng = begin; ng < end; ++ng) combine_group(args, ch, ng, cmean, cm2, k, channel_mean.data(), channel_m2.data());
-  });
-}
-
 // NCHW: one task per group: its statistics, then its output while the group is still in cache (x is read from
 // memory once).
 template <typename T, bool kSilu>
@@ -412,43 +434,45 @@ void forward_nchw(const ForwardArgs& args) {
   });
 }
 
-// channels_last: moments per chunk of rows, all groups' statistics, then the output per chunk.
+// channels_last: moments per chunk of rows, the groups' statistics, then the output per chunk.
 template <typename T, bool kSilu>
 void forward_nhwc(const ForwardArgs& args) {
   const Problem& p = args.p;
   const T* x = static_cast<const T*>(args.x);
   T* y = static_cast<T*>(args.y);
+  const int64_t Cg = p.C / p.G;
   Coefs k(p.N * p.C);
   const Chunking ch = make_chunking(p);
   std::vector<float> cmean(p.N * ch.chunks * p.C), cm2(p.N * ch.chunks * p.C);
-  at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> residual(p.C);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
-      chunk_moments(x + (n * p.HW + chunk * ch.rows) * p.C, ch.count(chunk, p.HW), p.C, &cmean[t * p.C],
-                    &cm2[t * p.C], residual.data());
-    }
-  });
-
-  group_statistics(args, ch, cmean.data(), cm2.data(), k);
-
-  at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
-      const float* Kn = &k.K[n * p.C];
-      const float* An = &k.A[n * p.C];
-      const float* Bn = &k.B[n * p.C];
-      const int64_t offset = (n * p.HW + chunk * ch.rows) * p.C;
-      for (int64_t r = 0; r < ch.count(chunk, p.HW); ++r) {
-        const T* xr = x + offset + r * p.C;
-        T* yr = y + offset + r * p.C;
-        for_each_vec(p.C, [&](int64_t c, int64_t m) {
-          const Vec hc = load(xr + c, m) - load(Kn + c, m);
-          store(yr + c, activate<kSilu>(at::vec::fmadd(hc, load(An + c, m), load(Bn + c, m))), m);
-        });
-      }
-    }
-  });
+  struct Scratch {
+    std::vector<float> residual;                 // C floats (chunk moments)
+    std::vector<double> channel_mean, channel_m2;  // Cg doubles each (group combine)
+  };
+  run_phases_nhwc<Scratch>(
+      p, ch, [&] { return Scratch{std::vector<float>(p.C), std::vector<double>(Cg), std::vector<double>(Cg)}; },
+      [&](int64_t t, Scratch& s) {
+        const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
+        chunk_moments(x + (n * p.HW + chunk * ch.rows) * p.C, ch.count(chunk, p.HW), p.C, &cmean[t * p.C],
+                      &cm2[t * p.C], s.residual.data());
+      },
+      [&](int64_t ng, Scratch& s) {
+        combine_group(args, ch, ng, cmean.data(), cm2.data(), k, s.channel_mean.data(), s.channel_m2.data());
+      },
+      [&](int64_t t, Scratch&) {
+        const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
+        const float* Kn = &k.K[n * p.C];
+        const float* An = &k.A[n * p.C];
+        const float* Bn = &k.B[n * p.C];
+        const int64_t offset = (n * p.HW + chunk * ch.rows) * p.C;
+        for (int64_t r = 0; r < ch.count(chunk, p.HW); ++r) {
+          const T* xr = x + offset + r * p.C;
+          T* yr = y + offset + r * p.C;
+          for_each_vec(p.C, [&](int64_t c, int64_t m) {
+            const Vec hc = load(xr + c, m) - load(Kn + c, m);
+            store(yr + c, activate<kSilu>(at::vec::fmadd(hc, load(An + c, m), load(Bn + c, m))), m);
+          });
+        }
+      });
 }
 
 //----------------------------------------------------------------------------
@@ -586,80 +610,82 @@ void backward_nchw(const BackwardArgs& args) {
   });
 }
 
-// channels_last: sums per chunk of rows, all groups' coefficients, then dx per chunk.
+// channels_last: sums per chunk of rows, the groups' coefficients, then dx per chunk. float32 keeps dz in dx between
+// the first and last phase (as NCHW does) instead of recomputing the SiLU derivative.
 template <typename T, bool kSilu>
 void backward_nhwc(const BackwardArgs& args) {
   const Problem& p = args.p;
   const T* x = static_cast<const T*>(args.x);
   const T* dy = static_cast<const T*>(args.dy);
   T* dx = static_cast<T*>(args.dx);
+  constexpr bool kDzInDx = std::is_same_v<T, float>;
+  const int64_t Cg = p.C / p.G;
   const Chunking ch = make_chunking(p);
   const Coefs k = backward_coefs(args);
   const int64_t partials = p.N * ch.chunks * p.C;
   std::vector<float> P(partials), Q(partials), H(partials);
   std::vector<float> E(p.N * p.C), F(p.N * p.C), G(p.N * p.C);
-
-  at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
-      float* Pt = &P[t * p.C];
-      float* Qt = &Q[t * p.C];
-      float* Ht = &H[t * p.C];
-      const int64_t offset = (n * p.HW + chunk * ch.rows) * p.C;
-      for (int64_t r = 0; r < ch.count(chunk, p.HW); ++r) {
-        const T* xr = x + offset + r * p.C;
-        const T* gr = dy + offset + r * p.C;
-        for_each_vec(p.C, [&](int64_t c, int64_t m) {
-          const int64_t nc = n * p.C + c;
-          Vec vp = load(Pt + c, m), vq = load(Qt + c, m), vh = load(Ht + c, m);
-          accumulate_grad_sums<kSilu>(load(xr + c, m), load(gr + c, m), load(&k.K[nc], m), load(&k.A[nc], m),
-                                      load(&k.B[nc], m), m, vp, vq, vh);
-          store(Pt + c, vp, m);
-          store(Qt + c, vq, m);
-          store(Ht + c, vh, m);
-        });
-      }
-    }
-  });
-
-  // Every group's coefficients from its channels' chunk sums.
-  const int64_t Cg = p.C / p.G;
-  at::parallel_for(0, p.N * p.G, grain(Cg * ch.chunks * 8), [&](int64_t begin, int64_t end) {
-    std::vector<double> sp(Cg), sq(Cg), sh(Cg);
-    for (int64_t ng = begin; ng < end; ++ng) {
-      const int64_t n = ng / p.G, c0 = (ng % p.G) * Cg;
-      for (int64_t i = 0; i < Cg; ++i) {
-        sp[i] = sq[i] = sh[i] = 0.0;
-        for (int64_t t = 0; t < ch.chunks; ++t) {
-          const int64_t idx = (n * ch.chunks + t) * p.C + c0 + i;
-          sp[i] += P[idx];
-          sq[i] += Q[idx];
-          sh[i] += H[idx];
+  struct Scratch {
+    std::vector<double> sp, sq, sh;  // Cg doubles each
+  };
+  run_phases_nhwc<Scratch>(
+      p, ch, [&] { return Scratch{std::vector<double>(Cg), std::vector<double>(Cg), std::vector<double>(Cg)}; },
+      [&](int64_t t, Scratch&) {
+        const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
+        float* Pt = &P[t * p.C];
+        float* Qt = &Q[t * p.C];
+        float* Ht = &H[t * p.C];
+        const int64_t offset = (n * p.HW + chunk * ch.rows) * p.C;
+        for (int64_t r = 0; r < ch.count(chunk, p.HW); ++r) {
+          const T* xr = x + offset + r * p.C;
+          const T* gr = dy + offset + r * p.C;
+          T* dxr = dx + offset + r * p.C;
+          for_each_vec(p.C, [&](int64_t c, int64_t m) {
+            const int64_t nc = n * p.C + c;
+            Vec vp = load(Pt + c, m), vq = load(Qt + c, m), vh = load(Ht + c, m);
+            const Vec dz = accumulate_grad_sums<kSilu>(load(xr + c, m), load(gr + c, m), load(&k.K[nc], m),
+                                                       load(&k.A[nc], m), load(&k.B[nc], m), m, vp, vq, vh);
+            if constexpr (kDzInDx) store(dxr + c, dz, m);
+            store(Pt + c, vp, m);
+            store(Qt + c, vq, m);
+            store(Ht + c, vh, m);
+          });
         }
-      }
-      const int64_t first = n * p.C + c0;
-      group_grad_coefficients(args, ng, sp.data(), sq.data(), sh.data(), &E[first], &F[first], &G[first]);
-    }
-  });
-
-  at::parallel_for(0, p.N * ch.chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
-      const int64_t offset = (n * p.HW + chunk * ch.rows) * p.C;
-      for (int64_t r = 0; r < ch.count(chunk, p.HW); ++r) {
-        const T* xr = x + offset + r * p.C;
-        const T* gr = dy + offset + r * p.C;
-        T* dxr = dx + offset + r * p.C;
-        for_each_vec(p.C, [&](int64_t c, int64_t m) {
-          const int64_t nc = n * p.C + c;
-          const Vec hc = load(xr + c, m) - load(&k.K[nc], m);
-          const Vec dz = grad_pre_activation<kSilu>(at::vec::fmadd(hc, load(&k.A[nc], m), load(&k.B[nc], m)),
-                                                    load(gr + c, m));
-          store(dxr + c, at::vec::fmadd(dz, load(&E[nc], m), at::vec::fmadd(hc, load(&F[nc], m), load(&G[nc], m))), m);
-        });
-      }
-    }
-  });
+      },
+      [&](int64_t ng, Scratch& s) {
+        const int64_t n = ng / p.G, c0 = (ng % p.G) * Cg;
+        for (int64_t i = 0; i < Cg; ++i) {
+          s.sp[i] = s.sq[i] = s.sh[i] = 0.0;
+          for (int64_t t = 0; t < ch.chunks; ++t) {
+            const int64_t idx = (n * ch.chunks + t) * p.C + c0 + i;
+            s.sp[i] += P[idx];
+            s.sq[i] += Q[idx];
+            s.sh[i] += H[idx];
+          }
+        }
+        const int64_t first = n * p.C + c0;
+        group_grad_coefficients(args, ng, s.sp.data(), s.sq.data(), s.sh.data(), &E[first], &F[first], &G[first]);
+      },
+      [&](int64_t t, Scratch&) {
+        const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
+        const int64_t offset = (n * p.HW + chunk * ch.rows) * p.C;
+        for (int64_t r = 0; r < ch.count(chunk, p.HW); ++r) {
+          const T* xr = x + offset + r * p.C;
+          const T* gr = dy + offset + r * p.C;
+          T* dxr = dx + offset + r * p.C;
+          for_each_vec(p.C, [&](int64_t c, int64_t m) {
+            const int64_t nc = n * p.C + c;
+            const Vec hc = load(xr + c, m) - load(&k.K[nc], m);
+            Vec dz;
+            if constexpr (kDzInDx) {
+              dz = load(dxr + c, m);
+            } else {
+              dz = grad_pre_activation<kSilu>(at::vec::fmadd(hc, load(&k.A[nc], m), load(&k.B[nc], m)), load(gr + c, m));
+            }
+            store(dxr + c, at::vec::fmadd(dz, load(&E[nc], m), at::vec::fmadd(hc, load(&F[nc], m), load(&G[nc], m))), m);
+          });
+        }
+      });
 }
 
 //----------------------------------------------------------------------------
