@@ -52,8 +52,9 @@ def native_extension():
     if with_cuda and cpp_extension.CUDA_HOME is None:
         _warn('CUDA requested but no CUDA toolkit found; building the CPU kernels only')
         with_cuda = False
-    names = src.CPU_SOURCES + (src.CUDA_SOURCES if with_cuda else ())
-    macros = [(src.CUDA_MACRO, None)] if with_cuda else []
+    names = src.build_sources(with_cuda)
+    macros = [(src.DIGEST_MACRO, src.source_digest(os.path.join(ROOT, 'kernels'), with_cuda))]
+    macros += [(src.CUDA_MACRO, None)] if with_cuda else []
     kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     ext = kind(name='d2o_fast._C', sources=[f'kernels/{n}' for n in names], define_macros=macros,
                extra_compile_args={'cxx': list(src.CXX_FLAGS), 'nvcc': list(src.NVCC_FLAGS)},

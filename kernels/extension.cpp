@@ -7,6 +7,14 @@
 
 #include "group_norm_act_cpu.h"
 
+// sha256 prefix of the sources this module was built from (d2o_fast/ops/native_sources.py: source_digest), so that
+// native.py does not use a prebuilt module older than the sources beside it.
+#ifndef D2O_FAST_SOURCE_DIGEST
+#define D2O_FAST_SOURCE_DIGEST
+#endif
+#define D2O_FAST_STRINGIZE_(x) #x
+#define D2O_FAST_STRINGIZE(x) D2O_FAST_STRINGIZE_(x)
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "d2o_fast native kernels (fused GroupNorm + modulation + SiLU)";
 #if defined(D2O_FAST_WITH_CUDA)
@@ -14,6 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.attr("source_digest") = D2O_FAST_STRINGIZE(D2O_FAST_SOURCE_DIGEST);
   m.def("supported_cpu_capabilities", &d2o_fast::cpu::supported_capabilities,
         "CPU capabilities compiled in and supported by this CPU, best first");
   m.def("active_cpu_capability", &d2o_fast::cpu::active_capability, "CPU capability the op uses now");

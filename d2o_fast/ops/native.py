@@ -19,7 +19,6 @@ The kernels register torch.ops.d2o_fast_native.group_norm_act_{forward,backward}
 module `extension()` returns also reports `with_cuda` and pins the CPU capability in tests.
 """
 
-import hashlib
 import importlib
 import os
 import pathlib
@@ -28,7 +27,8 @@ import warnings
 import torch
 
 from d2o_fast.ops.group_norm_act import GroupNormActError
-from d2o_fast.ops.native_sources import CPU_SOURCES, CUDA_MACRO, CUDA_SOURCES, CXX_FLAGS, LINK_FLAGS, NVCC_FLAGS
+from d2o_fast.ops.native_sources import (CUDA_MACRO, CXX_FLAGS, DIGEST_MACRO, LINK_FLAGS, NVCC_FLAGS, build_sources,
+                                         source_digest)
 
 KERNELS_DIR = pathlib.Path(__file__).resolve().parents[2] / 'kernels'
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -42,12 +42,7 @@ _state = {'module': None, 'reason': None, 'tried': False}
 def _cache_dir(with_cuda):
     root = os.environ.get('D2O_FAST_EXTENSION_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'd2o_fast',
                                                                        'extensions')
-    digest = hashlib.sha256()
-    for name in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ()):
-        digest.update((KERNELS_DIR / name).read_bytes())
-    for header in sorted(KERNELS_DIR.glob('*.h')):
-        digest.update(header.read_bytes())
-    tag = f'torch{torch.__version__}-{"cuda" if with_cuda else "cpu"}-{digest.hexdigest()[:12]}'
+    tag = f'torch{torch.__version__}-{"cuda" if with_cuda else "cpu"}-{source_digest(KERNELS_DIR, with_cuda)}'
     path = os.path.join(root, tag.replace('+', '_'))
     os.makedirs(path, exist_ok=True)
     return path
@@ -58,15 +53,27 @@ def jit_build(with_cuda=None, verbose=False):
     from torch.utils import cpp_extension
     if with_cuda is None:
         with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
-    missing = [n for n in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ()) if not (KERNELS_DIR / n).exists()]
+    missing = [n for n in build_sources(with_cuda) if not (KERNELS_DIR / n).exists()]
     if missing:
         raise FileNotFoundError(f'kernel sources not found in {KERNELS_DIR}: {", ".join(missing)}')
-    sources = [str(KERNELS_DIR / n) for n in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
-    macro = [f'-D{CUDA_MACRO}'] if with_cuda else []
+    sources = [str(KERNELS_DIR / n) for n in build_sources(with_cuda)]
+    macros = [f'-D{DIGEST_MACRO}={source_digest(KERNELS_DIR, with_cuda)}'] + ([f'-D{CUDA_MACRO}'] if with_cuda else [])
     return cpp_extension.load(
         name='d2o_fast_native_cuda' if with_cuda else 'd2o_fast_native_cpu', sources=sources,
-        extra_cflags=list(CXX_FLAGS) + macro, extra_cuda_cflags=list(NVCC_FLAGS) + macro,
+        extra_cflags=list(CXX_FLAGS) + macros, extra_cuda_cflags=list(NVCC_FLAGS) + macros,
         extra_ldflags=list(LINK_FLAGS), build_directory=_cache_dir(with_cuda), verbose=verbose)
+
+
+def _stale_reason(module):
+    """Why a prebuilt d2o_fast._C must not be used (None if it may): built from other kernel sources than the
+    ones beside this package (an editable install whose kernels/ changed since `pip install`)."""
+    if not all((KERNELS_DIR / n).exists() for n in build_sources(bool(module.with_cuda))):
+        return None  # an installed wheel: the module is all there is
+    built = getattr(module, 'source_digest', '')
+    current = source_digest(KERNELS_DIR, bool(module.with_cuda))
+    if built != current:
+        return f'd2o_fast._C was built from other kernel sources ({built or "unknown"}, kernels/ is now {current})'
+    return None
 
 
 def extension():
@@ -78,8 +85,12 @@ def extension():
         _state['reason'] = 'disabled by D2O_FAST_NATIVE=0'
         return None
     try:
-        _state['module'] = importlib.import_module('d2o_fast._C')
-        return _state['module']
+        prebuilt = importlib.import_module('d2o_fast._C')
+        prebuilt_error = _stale_reason(prebuilt)
+        if prebuilt_error is None:
+            _state['module'] = prebuilt
+            return prebuilt
+        warnings.warn(f'{prebuilt_error}; using a JIT build of the current sources instead', RuntimeWarning)
     except ImportError as e:
         prebuilt_error = e
     try:

@@ -11,11 +11,13 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
+import types
 
 import pytest
 import torch
 
-from d2o_fast.ops import native
+from d2o_fast.ops import native, native_sources
 from d2o_fast.ops.group_norm_act import GroupNormActError, group_norm_act_reference
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -232,6 +234,33 @@ def test_disabled_extension_reports_why(monkeypatch):
     assert 'D2O_FAST_NATIVE=0' in native.unavailable_reason()
     with pytest.raises(GroupNormActError, match='not available'):
         native.forward(torch.randn(1, 4, 2, 2), torch.ones(4), torch.zeros(4), None, None, None, 2, EPS, True)
+
+
+def test_build_order_puts_the_per_isa_objects_last():
+    """setuptools sorts an extension's sources before linking; the baseline-ISA objects must stay ahead of the
+    AVX2/AVX512 ones (their inline functions win at link time), with or without the CUDA sources."""
+    for with_cuda in (False, True):
+        order = native_sources.build_sources(with_cuda)
+        assert list(order) == sorted(order)
+        isa = [i for i, name in enumerate(order) if name.startswith('isa/')]
+        assert len(isa) == 3 and isa == list(range(len(order) - 3, len(order))), order
+        assert all((native.KERNELS_DIR / name).exists() for name in order)
+
+
+def test_a_prebuilt_module_older_than_the_sources_is_not_used(monkeypatch):
+    """An editable install's d2o_fast._C built before kernels/ changed: the loader warns and JIT-builds instead."""
+    module = native.extension()
+    if module is None:
+        pytest.skip(f'native kernels unavailable: {native.unavailable_reason()}')
+    assert module.source_digest == native_sources.source_digest(native.KERNELS_DIR, bool(module.with_cuda))
+    assert native._stale_reason(module) is None
+    stale = types.SimpleNamespace(with_cuda=module.with_cuda, source_digest='0123456789ab')
+    assert 'other kernel sources' in native._stale_reason(stale)
+    monkeypatch.setattr(native, '_state', {'module': None, 'reason': None, 'tried': False})
+    monkeypatch.setitem(sys.modules, 'd2o_fast._C', stale)
+    with pytest.warns(RuntimeWarning, match='using a JIT build'):
+        rebuilt = native.extension()
+    assert rebuilt is not stale and rebuilt.source_digest == module.source_digest
 
 
 def test_no_cuda_without_a_gpu():
