@@ -89,11 +89,12 @@
 
 #include "group_norm_act_cpu.h"
 
-// GCC false positives in at::vec's reduced-precision conversions (_mm512_undefined_* inputs)
+// GCC false positives in at::vec's reduced-precision conversions and reductions (_mm512_undefined_* inputs)
 // and torch's CUDA-style '#pragma unroll'; the -Wpsabi note is about 32/64-byte vector
 // arguments of functions that never cross this translation unit's boundary.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wunknown-pragmas"
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
