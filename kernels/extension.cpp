@@ -14,6 +14,15 @@
 #endif
 #define D2O_FAST_STRINGIZE_(x) #x
 #define D2O_FAST_STRINGIZE(x) D2O_FAST_STRINGIZE_(x)
+#if defined(D2O_FAST_WITH_CUDA)
+#define D2O_FAST_BUILD_KIND "cuda"
+#else
+#define D2O_FAST_BUILD_KIND "cpu"
+#endif
+// The same facts as one string in the binary, which native.py reads before deciding to load the module (loading a
+// stale module and then a fresh one would register the same torch ops twice).
+extern "C" __attribute__((used)) const char d2o_fast_build_marker[] =
+    "d2o_fast_build:" D2O_FAST_STRINGIZE(D2O_FAST_SOURCE_DIGEST) ":" D2O_FAST_BUILD_KIND;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "d2o_fast native kernels (fused GroupNorm + modulation + SiLU)";

@@ -20,8 +20,10 @@ module `extension()` returns also reports `with_cuda` and pins the CPU capabilit
 """
 
 import importlib
+import importlib.util
 import os
 import pathlib
+import re
 import warnings
 
 import torch
@@ -64,16 +66,29 @@ def jit_build(with_cuda=None, verbose=False):
         extra_ldflags=list(LINK_FLAGS), build_directory=_cache_dir(with_cuda), verbose=verbose)
 
 
-def _stale_reason(module):
-    """Why a prebuilt d2o_fast._C must not be used (None if it may): built from other kernel sources than the
-    ones beside this package (an editable install whose kernels/ changed since `pip install`)."""
-    if not all((KERNELS_DIR / n).exists() for n in build_sources(bool(module.with_cuda))):
+BUILD_MARKER = re.compile(rb'd2o_fast_build:([0-9a-f]{12}):(cpu|cuda)')
+
+
+def _stale_reason(path):
+    """Why the prebuilt d2o_fast._C at `path` must not be loaded (None if it may): built from other kernel sources
+    than the ones beside this package (an editable install whose kernels/ changed since `pip install`). Decided
+    from the build marker compiled into the binary (kernels/extension.cpp), without loading it: two modules that
+    register the same torch ops cannot both be loaded into one process."""
+    found = BUILD_MARKER.search(pathlib.Path(path).read_bytes())
+    with_cuda = bool(found) and found.group(2) == b'cuda'
+    if not all((KERNELS_DIR / n).exists() for n in build_sources(with_cuda)):
         return None  # an installed wheel: the module is all there is
-    built = getattr(module, 'source_digest', '')
-    current = source_digest(KERNELS_DIR, bool(module.with_cuda))
+    built = found.group(1).decode() if found else 'unknown'
+    current = source_digest(KERNELS_DIR, with_cuda)
     if built != current:
-        return f'd2o_fast._C was built from other kernel sources ({built or "unknown"}, kernels/ is now {current})'
+        return f'd2o_fast._C was built from other kernel sources ({built}; kernels/ is now {current})'
     return None
+
+
+def _prebuilt_path():
+    """File of the prebuilt d2o_fast._C, or None."""
+    spec = importlib.util.find_spec('d2o_fast._C')
+    return spec.origin if spec is not None else None
 
 
 def extension():
@@ -84,19 +99,20 @@ def extension():
     if os.environ.get('D2O_FAST_NATIVE', '1') == '0':
         _state['reason'] = 'disabled by D2O_FAST_NATIVE=0'
         return None
-    try:
-        prebuilt = importlib.import_module('d2o_fast._C')
-        prebuilt_error = _stale_reason(prebuilt)
-        if prebuilt_error is None:
-            _state['module'] = prebuilt
-            return prebuilt
+    path = _prebuilt_path()
+    prebuilt_error = 'no d2o_fast._C module' if path is None else _stale_reason(path)
+    if path is not None and prebuilt_error is None:
+        try:
+            _state['module'] = importlib.import_module('d2o_fast._C')
+            return _state['module']
+        except ImportError as e:
+            prebuilt_error = e
+    elif path is not None:
         warnings.warn(f'{prebuilt_error}; using a JIT build of the current sources instead', RuntimeWarning)
-    except ImportError as e:
-        prebuilt_error = e
     try:
         _state['module'] = jit_build()
     except Exception as e:  # no compiler, no sources, failed build: the other backends still work
-        _state['reason'] = (f'd2o_fast._C is not built ({prebuilt_error}) and the JIT build failed '
+        _state['reason'] = (f'd2o_fast._C is not usable ({prebuilt_error}) and the JIT build failed '
                             f'({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e})')
         warnings.warn(f'd2o_fast native kernels unavailable: {_state["reason"]}', RuntimeWarning)
     return _state['module']

@@ -6,6 +6,7 @@ every combination of add/scale/shift/silu, awkward shapes, and each CPU capabili
 (DEFAULT / AVX2 / AVX512) this machine supports.
 """
 
+import importlib
 import itertools
 import os
 import pathlib
@@ -247,20 +248,29 @@ def test_build_order_puts_the_per_isa_objects_last():
         assert all((native.KERNELS_DIR / name).exists() for name in order)
 
 
-def test_a_prebuilt_module_older_than_the_sources_is_not_used(monkeypatch):
-    """An editable install's d2o_fast._C built before kernels/ changed: the loader warns and JIT-builds instead."""
+def test_a_prebuilt_module_older_than_the_sources_is_not_loaded(monkeypatch, tmp_path):
+    """An editable install's d2o_fast._C built before kernels/ changed: the loader reads the build marker in the
+    binary, does not load it (its torch ops would clash with the fresh build's), warns and JIT-builds instead."""
     module = native.extension()
     if module is None:
         pytest.skip(f'native kernels unavailable: {native.unavailable_reason()}')
-    assert module.source_digest == native_sources.source_digest(native.KERNELS_DIR, bool(module.with_cuda))
-    assert native._stale_reason(module) is None
-    stale = types.SimpleNamespace(with_cuda=module.with_cuda, source_digest='0123456789ab')
+    current = native_sources.source_digest(native.KERNELS_DIR, bool(module.with_cuda))
+    assert module.source_digest == current
+    kind = 'cuda' if module.with_cuda else 'cpu'
+    fresh, stale = tmp_path / 'fresh.so', tmp_path / 'stale.so'
+    fresh.write_bytes(b'\x7fELF...d2o_fast_build:' + current.encode() + b':' + kind.encode() + b'\0...')
+    stale.write_bytes(b'\x7fELF...d2o_fast_build:0123456789ab:' + kind.encode() + b'\0...')
+    assert native._stale_reason(fresh) is None
     assert 'other kernel sources' in native._stale_reason(stale)
+    if native._prebuilt_path() is not None:  # the module the install built carries the current sources' marker
+        assert native._stale_reason(native._prebuilt_path()) is None
     monkeypatch.setattr(native, '_state', {'module': None, 'reason': None, 'tried': False})
-    monkeypatch.setitem(sys.modules, 'd2o_fast._C', stale)
+    monkeypatch.setattr(native, '_prebuilt_path', lambda: str(stale))
+    monkeypatch.setattr(importlib, 'import_module', lambda name: pytest.fail(f'{name} must not be imported'))
+    jit_module = types.SimpleNamespace(with_cuda=module.with_cuda, source_digest=current)
+    monkeypatch.setattr(native, 'jit_build', lambda: jit_module)
     with pytest.warns(RuntimeWarning, match='using a JIT build'):
-        rebuilt = native.extension()
-    assert rebuilt is not stale and rebuilt.source_digest == module.source_digest
+        assert native.extension() is jit_module
 
 
 def test_no_cuda_without_a_gpu():
