@@ -566,6 +566,7 @@ void backward_nchw(const BackwardArgs& args) {
   const bool need_h = args.dadd != nullptr;  // sum hc only enters dadd
   at::parallel_for(0, p.N * p.G, grain(Cg * p.HW), [&](int64_t begin, int64_t end) {
     std::vector<double> sp(Cg), sq(Cg), sh(Cg);
+    std::vector<Coef> coefs(Cg);  // the group's K, A, B per row, for both passes
     std::vector<float> E(Cg), F(Cg), G(Cg);
     std::vector<float> scratch(in_scratch ? Cg * p.HW : 0);
     for (int64_t ng = begin; ng < end; ++ng) {
@@ -580,7 +581,7 @@ void backward_nchw(const BackwardArgs& args) {
       };
       for (int64_t i = 0; i < Cg; ++i) {
         const int64_t nc = first + i;
-        const Coef q = pre_activation_coef(args.params, nc, nc - n * p.C, args.mean[ng], args.rstd[ng]);
+        const Coef q = coefs[i] = pre_activation_coef(args.params, nc, nc - n * p.C, args.mean[ng], args.rstd[ng]);
         const Vec kc(q.K), a(q.A), b(q.B);
         const T* xr = x + nc * p.HW;
         const T* gr = dy + nc * p.HW;
@@ -601,7 +602,7 @@ void backward_nchw(const BackwardArgs& args) {
       group_grad_coefficients(args, ng, sp.data(), sq.data(), sh.data(), E.data(), F.data(), G.data());
       for (int64_t i = 0; i < Cg; ++i) {
         const int64_t nc = first + i;
-        const Coef q = pre_activation_coef(args.params, nc, nc - n * p.C, args.mean[ng], args.rstd[ng]);
+        const Coef& q = coefs[i];
         const Vec kc(q.K), a(q.A), b(q.B), e(E[i]), f(F[i]), g(G[i]);
         const T* xr = x + nc * p.HW;
         const T* gr = dy + nc * p.HW;

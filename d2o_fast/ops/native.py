@@ -41,10 +41,10 @@ FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _state = {'module': None, 'reason': None, 'tried': False}
 
 
-def _cache_dir(with_cuda):
+def _cache_dir(with_cuda, digest):
     root = os.environ.get('D2O_FAST_EXTENSION_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'd2o_fast',
                                                                        'extensions')
-    tag = f'torch{torch.__version__}-{"cuda" if with_cuda else "cpu"}-{source_digest(KERNELS_DIR, with_cuda)}'
+    tag = f'torch{torch.__version__}-{"cuda" if with_cuda else "cpu"}-{digest}'
     path = os.path.join(root, tag.replace('+', '_'))
     os.makedirs(path, exist_ok=True)
     return path
@@ -59,11 +59,12 @@ def jit_build(with_cuda=None, verbose=False):
     if missing:
         raise FileNotFoundError(f'kernel sources not found in {KERNELS_DIR}: {", ".join(missing)}')
     sources = [str(KERNELS_DIR / n) for n in build_sources(with_cuda)]
-    macros = [f'-D{DIGEST_MACRO}={source_digest(KERNELS_DIR, with_cuda)}'] + ([f'-D{CUDA_MACRO}'] if with_cuda else [])
+    digest = source_digest(KERNELS_DIR, with_cuda)
+    macros = [f'-D{DIGEST_MACRO}={digest}'] + ([f'-D{CUDA_MACRO}'] if with_cuda else [])
     return cpp_extension.load(
         name='d2o_fast_native_cuda' if with_cuda else 'd2o_fast_native_cpu', sources=sources,
         extra_cflags=list(CXX_FLAGS) + macros, extra_cuda_cflags=list(NVCC_FLAGS) + macros,
-        extra_ldflags=list(LINK_FLAGS), build_directory=_cache_dir(with_cuda), verbose=verbose)
+        extra_ldflags=list(LINK_FLAGS), build_directory=_cache_dir(with_cuda, digest), verbose=verbose)
 
 
 BUILD_MARKER = re.compile(rb'd2o_fast_build:([0-9a-f]{12}):(cpu|cuda)')
