@@ -73,6 +73,28 @@ def test_downsample_is_a_normalised_lowpass():
     assert torch.allclose(down(torch.ones(1, 1, 8, 8))[..., 1:-1, 1:-1], torch.ones(1, 1, 2, 2))  # DC gain 1
 
 
+@pytest.mark.parametrize('autocast', [False, True])
+def test_downsample_matches_the_depthwise_convolution(autocast):
+    """Forward and input gradient against the stride-2 depthwise convolution in float64; with autocast the
+    input is bf16, as inside the bf16 discriminator."""
+    g = torch.Generator().manual_seed(3)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    x = (torch.randn(2, 5, 16, 16, generator=g) * 2 + 0.5).to(dtype).requires_grad_(True)
+    dy = torch.randn(2, 5, 8, 8, generator=g)
+    taps = torch.tensor([1., 3., 3., 1.], dtype=torch.float64)
+    k = (taps[:, None] * taps[None, :] / 64).expand(5, 1, 4, 4)
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = torch.nn.functional.conv2d(x64, k, stride=2, padding=1, groups=5)
+    y64.backward(dy.double())
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        y = Downsample2x()(x)
+    y.backward(dy.to(dtype))
+    tol = 2 * 2 ** -8 if autocast else 1e-5  # bf16: dy and the result rounded once each
+    assert y.dtype == dtype and x.grad.dtype == dtype
+    assert (y.double() - y64).abs().max() <= tol * y64.abs().max()
+    assert (x.grad.double() - x64.grad).abs().max() <= tol * x64.grad.abs().max()
+
+
 def test_bad_arguments():
     for resolution in (4, 48, 512):
         with pytest.raises(DiscriminatorConfigError, match='power of two'):
