@@ -1,16 +1,24 @@
 """Shared benchmark plumbing: thread count, the machine description every results table names, and an honest
 in-process peak-memory probe for CPU runs.
 
-Peak memory on CPU (`memory_probe`): the resident-set high-water mark (VmHWM in /proc/self/status) is reset
-(`/proc/self/clear_refs` <- 5) right before the measured iterations and read after them; glibc's mmap threshold
-is pinned at 64 KiB (mallopt) so that every tensor of that size or more is its own mapping and freed tensors
-leave the resident set at once instead of staying in malloc's heap. What the probe reports is
+Peak memory on CPU (`memory_probe.measure`): the resident-set high-water mark (VmHWM in /proc/self/status) is
+reset (`/proc/self/clear_refs` <- 5) right before the probed work and read after it. The probed work, and
+everything that allocated the tensors it reuses, runs under `probe_allocator()`: glibc's mmap threshold pinned at
+64 KiB (mallopt), so that every tensor of that size or more is its own mapping and freed tensors leave the resident
+set at once instead of staying in malloc's heap. What the probe reports is
     training state (bytes of every parameter, gradient, buffer and optimizer-state tensor)
-  + the growth of the resident set over its level at the start of the measured iterations,
+  + the growth of the resident set over its level at the start of the probed work,
 i.e. what the step itself needs. It does not count the Python interpreter, the libraries, or the compiler's
 own memory (Inductor's graphs and generated code), which are the same size whatever the batch.
+
+Timing never runs under the probe's allocator: with a 64 KiB threshold every activation is a fresh mapping whose
+pages the kernel faults in and zeroes on first touch, which is not how a training process runs (glibc raises its
+threshold after the first frees and reuses the heap). Timed work runs under `steady_allocator()`, the heap reuse of a
+process in its steady state, after the memory probe (a heap grown by timed work would serve the probe's tensors
+from memory already resident, and the probe would not see them).
 """
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -21,7 +29,8 @@ import torch
 THREADS_ENV = 'D2O_FAST_BENCH_THREADS'
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3    # glibc mallopt parameters
 GLIBC_DEFAULT_THRESHOLD = 128 * 1024           # glibc's static default of both
-MMAP_THRESHOLD_BYTES = 64 * 1024
+MMAP_THRESHOLD_BYTES = 64 * 1024               # the memory probe's: every tensor of 64 KiB or more is a mapping
+STEADY_THRESHOLD_BYTES = 1 << 30               # timed work: freed blocks stay in the heap for reuse
 
 
 def set_malloc_thresholds(mmap=None, trim=None):
@@ -70,43 +79,63 @@ def _status_kib(key):
     raise RuntimeError(f'{key} not in /proc/self/status')
 
 
+@contextlib.contextmanager
+def malloc_thresholds(mmap, trim):
+    """glibc's mmap and trim thresholds fixed for a stretch of work, then glibc's static defaults again."""
+    fixed = set_malloc_thresholds(mmap=mmap, trim=trim)
+    try:
+        yield
+    finally:
+        if fixed:
+            set_malloc_thresholds(mmap=GLIBC_DEFAULT_THRESHOLD, trim=GLIBC_DEFAULT_THRESHOLD)
+
+
+def steady_allocator():
+    """CPU: glibc keeps freed blocks for reuse (fixed 1 GiB mmap and trim thresholds), as it does by itself in a
+    training process's steady state. Without this, whether a fresh multi-MB tensor costs page faults depends on
+    glibc's adaptive thresholds, and the unfused GroupNorm sequence (several such tensors per call) varied 3-9 ms
+    from one process to the next here for the same shape."""
+    return malloc_thresholds(mmap=STEADY_THRESHOLD_BYTES, trim=STEADY_THRESHOLD_BYTES)
+
+
+def probe_allocator():
+    """CPU: every allocation of 64 KiB or more is its own mapping (see the module docstring); the heap's free
+    memory is returned to the system first, so that earlier work's freed blocks do not serve the probe's tensors."""
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return malloc_thresholds(mmap=MMAP_THRESHOLD_BYTES, trim=GLIBC_DEFAULT_THRESHOLD)
+
+
 class MemoryProbe:
-    """Peak memory of a stretch of CPU work (see the module docstring); CUDA: max_memory_allocated."""
+    """Peak memory of a stretch of work (see the module docstring); CUDA: max_memory_allocated."""
 
     def __init__(self):
         self.cuda = torch.cuda.is_available()
-        if not self.cuda:
-            set_malloc_thresholds(mmap=MMAP_THRESHOLD_BYTES)
 
-    def start(self):
+    def measure(self, work, state_bytes):
+        """Run `work()` and return its peak: `state_bytes` (tensors alive across steps) + the growth above the
+        resident set (CUDA: allocated memory) at its start. CPU: run it under `probe_allocator()`."""
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            self.start_bytes = torch.cuda.memory_allocated()
-        else:
-            with open('/proc/self/clear_refs', 'w') as f:
-                f.write('5')  # resets VmHWM to the current resident set
-            self.start_kib = _status_kib('VmRSS')
-
-    def peak_bytes(self, state_bytes):
-        """Peak memory since start(): `state_bytes` (tensors alive across steps) + the growth above the start."""
-        if self.cuda:
+            start = torch.cuda.memory_allocated()
+            work()
             torch.cuda.synchronize()
-            return state_bytes + torch.cuda.max_memory_allocated() - self.start_bytes
-        return state_bytes + max(_status_kib('VmHWM') - self.start_kib, 0) * 1024
+            return state_bytes + torch.cuda.max_memory_allocated() - start
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # resets VmHWM to the current resident set
+        start_kib = _status_kib('VmRSS')
+        work()
+        return state_bytes + max(_status_kib('VmHWM') - start_kib, 0) * 1024
 
 
 @pytest.fixture(scope='module')
 def warm_allocator():
-    """CPU: glibc keeps freed blocks for reuse (fixed 1 GiB mmap and trim thresholds), as it does by itself in a
-    training process's steady state. Without this, whether a fresh multi-MB tensor costs page faults depends on
-    glibc's adaptive thresholds, and the unfused GroupNorm sequence (several such tensors per call) varied 3-9 ms
-    from one process to the next here for the same shape. For a module, then glibc's static defaults again, so that
-    later modules (the train-step memory probe) do not inherit a heap that is never trimmed."""
-    fixed = set_malloc_thresholds(mmap=1 << 30, trim=1 << 30)
-    yield
-    if fixed:
-        set_malloc_thresholds(mmap=GLIBC_DEFAULT_THRESHOLD, trim=GLIBC_DEFAULT_THRESHOLD)
+    """The steady-state allocator (`steady_allocator`) for a whole module, then glibc's static defaults again."""
+    with steady_allocator():
+        yield
 
 
 @pytest.fixture(scope='session')

@@ -6,7 +6,9 @@ D2O (freeze 0) vs D2O-F (freeze 1).
 
 One iteration = the real D2OTrainer's G step + D step + EMA, plus 1/16 of a separately timed R1 step (R1 runs
 every 16 steps). Compile + warm-up time (D2OTrainer.warm_up: every graph built, all state restored) is
-recorded separately and is not part of the throughput. pytest-benchmark times the steady-state iterations.
+recorded separately and is not part of the throughput (a path's D2O-F trainer is built after its D2O one and may
+find graphs of the same shapes in Inductor's cache). The freeze levels of a path run side by side, their timed
+iterations interleaved round by round, so that the D2O-F / D2O ratio compares like with like on this shared machine.
 
 CPU configuration (small, so the whole suite runs in minutes on 2 cores):
     G: NCSN++ at 32x32, the CIFAR-10 architecture narrowed: model_channels 64 (CIFAR-10: 128), channel_mult
@@ -24,8 +26,9 @@ CUDA graphs.
 
 Targets (medians of one run, ratios against the eager baseline of the same run): compiled >= 1.5x eager img/s;
 D2O-F >= 1.2x D2O img/s; D2O-F optimizer state <= 25% of D2O's; compiled peak memory <= eager's.
-Peak memory: see benchmarks/conftest.py (training-state tensors + resident-set growth during the measured
-iterations; CUDA: max_memory_allocated). Nothing asserts wall-clock time unless the env var asks for it.
+Timed iterations run with the allocator of a process in its steady state (heap reuse); peak memory is measured
+before them, in an iteration + R1 step of its own (benchmarks/conftest.py: training-state tensors + resident-set
+growth under a 64 KiB mmap threshold; CUDA: max_memory_allocated). Nothing asserts wall-clock time unless the env var asks for it.
 """
 
 import dataclasses
@@ -38,6 +41,7 @@ import time
 import pytest
 import torch
 
+from conftest import probe_allocator, steady_allocator
 from d2o_fast import ops
 from d2o_fast.discriminators import build_discriminator
 from d2o_fast.engine.config import resolve_config
@@ -102,7 +106,6 @@ def build_trainer(case):
     wall0, cpu0 = time.perf_counter(), time.process_time()
     config, kernels = case.options
     ops.set_backend(kernels)
-    torch._dynamo.reset()  # each case compiles its own graphs; no cache-size limit carried over
     torch.manual_seed(0)
     batch = BATCH[case.disc]
     G = build_network('D2OPrecond', **architecture_kwargs('ncsnpp', 32, 3, CLASSES, dropout=0, **G_ARCH))
@@ -142,54 +145,99 @@ def synchronize():
         torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize('case', CASES, ids=lambda c: c.name)
-def test_train_step(case, benchmark, memory_probe):
-    trainer, build_wall, build_cpu = build_trainer(case)
-    batch = trainer.batch_gpu
-    g = torch.Generator().manual_seed(1)
-    images = (torch.rand([batch, 3, 32, 32], generator=g) * 2 - 1).to(DEVICE)
-    labels = torch.eye(CLASSES)[torch.randint(CLASSES, [batch], generator=g)].to(DEVICE)
-    counter = iter(range(1, 10 ** 9))
-    cpu_times = []
+class Run:
+    """One case's trainer, its fixed batch and the CPU / wall seconds of each iteration it ran."""
 
-    def iteration():  # step indices never a multiple of 16: no R1 inside the timed G + D steps
-        step = next(counter)
+    def __init__(self, case):
+        self.case = case
+        self.trainer, self.build_wall, self.build_cpu = build_trainer(case)
+        batch = self.trainer.batch_gpu
+        g = torch.Generator().manual_seed(1)
+        self.images = (torch.rand([batch, 3, 32, 32], generator=g) * 2 - 1).to(DEVICE)
+        self.labels = torch.eye(CLASSES)[torch.randint(CLASSES, [batch], generator=g)].to(DEVICE)
+        self.steps = iter(range(1, 10 ** 9))
+        self.cpu, self.wall, self.r1_cpu, self.r1_wall = [], [], [], []
+
+    def iteration(self):  # step indices never a multiple of 16: no R1 inside the timed G + D steps
+        step = next(self.steps)
         step += step // (R1_INTERVAL - 1)
-        t0 = time.process_time()
-        trainer.step(images, labels, step, step * batch)
-        synchronize()
-        cpu_times.append(time.process_time() - t0)
-
-    iteration()  # first steady step (optimizer state appears); not measured
-    memory_probe.start()
-    state = training_state_bytes(trainer)
-    # The projected discriminator's CPU iteration takes ~10 s: fewer rounds keep the suite within 10 minutes.
-    slow_case = case.disc == 'projected' and not CUDA
-    benchmark.pedantic(iteration, rounds=2 if slow_case else ROUNDS, iterations=1, warmup_rounds=0)
-    r1_wall, r1_cpu = [], []
-    for _ in range(1 if slow_case else 2):
         t0, c0 = time.perf_counter(), time.process_time()
-        trainer.r1_phase(images.chunk(1), labels.chunk(1))
+        self.trainer.step(self.images, self.labels, step, step * self.trainer.batch_gpu)
         synchronize()
-        r1_wall.append(time.perf_counter() - t0)
-        r1_cpu.append(time.process_time() - c0)
-    peak = memory_probe.peak_bytes(state)
+        self.cpu.append(time.process_time() - c0)
+        self.wall.append(time.perf_counter() - t0)
 
-    # Throughput from the process's CPU time (1 thread: what the step costs on a core of its own, whatever
-    # else runs on this shared machine) and, beside it, from wall-clock time (pytest-benchmark's median).
-    seconds = statistics.median(cpu_times) + statistics.median(r1_cpu) / R1_INTERVAL
-    wall_seconds = benchmark.stats.stats.median + statistics.median(r1_wall) / R1_INTERVAL
-    row = dict(case=case.name, disc=case.disc, path=case.path, freeze=case.freeze, batch=batch,
-               precision=str(trainer.g_dtype or torch.float32).replace('torch.', ''), kernels=ops.get_backend(),
-               iteration_ms=1000 * seconds, r1_ms=1000 * statistics.median(r1_cpu), img_per_sec=batch / seconds,
-               wall_iteration_ms=1000 * wall_seconds, wall_img_per_sec=batch / wall_seconds,
-               compile_warmup_s=trainer.warmup_seconds, build_wall_s=build_wall, build_cpu_s=build_cpu,
-               peak_mem_mb=peak / 2 ** 20, state_mb=state / 2 ** 20,
-               opt_g_state_mb=optimizer_state_bytes(trainer.opt_g) / 2 ** 20,
-               g_trainable=sum(p.numel() for p in trainer.g_params), g_params=sum(p.numel() for p in trainer.G.parameters()))
-    benchmark.extra_info.update(row)
-    _results[case] = row
-    assert row['img_per_sec'] > 0 and row['opt_g_state_mb'] > 0
+    def r1(self):
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.trainer.r1_phase(self.images.chunk(1), self.labels.chunk(1))
+        synchronize()
+        self.r1_cpu.append(time.process_time() - c0)
+        self.r1_wall.append(time.perf_counter() - t0)
+
+    def measure_memory(self, memory_probe):
+        """Peak memory of an iteration + an R1 step, with the optimizer state and gradients of the steady state
+        (call under probe_allocator(), as the build)."""
+        self.iteration()  # first steady step (optimizer state and gradients appear); not measured
+        self.state = training_state_bytes(self.trainer)
+        self.peak = memory_probe.measure(lambda: (self.iteration(), self.r1()), self.state)
+        self.cpu.clear(), self.wall.clear(), self.r1_cpu.clear(), self.r1_wall.clear()
+
+    def row(self):
+        # Throughput from the process's CPU time (1 thread: what the step costs on a core of its own, whatever
+        # else runs on this shared machine) and, beside it, from wall-clock time.
+        case, trainer, batch = self.case, self.trainer, self.trainer.batch_gpu
+        seconds = statistics.median(self.cpu) + statistics.median(self.r1_cpu) / R1_INTERVAL
+        wall_seconds = statistics.median(self.wall) + statistics.median(self.r1_wall) / R1_INTERVAL
+        return dict(case=case.name, disc=case.disc, path=case.path, freeze=case.freeze, batch=batch,
+                    precision=str(trainer.g_dtype or torch.float32).replace('torch.', ''), kernels=ops.get_backend(),
+                    iteration_ms=1000 * seconds, r1_ms=1000 * statistics.median(self.r1_cpu),
+                    img_per_sec=batch / seconds, wall_iteration_ms=1000 * wall_seconds,
+                    wall_img_per_sec=batch / wall_seconds, timed_iterations=len(self.cpu),
+                    compile_warmup_s=trainer.warmup_seconds, build_wall_s=self.build_wall, build_cpu_s=self.build_cpu,
+                    peak_mem_mb=self.peak / 2 ** 20, state_mb=self.state / 2 ** 20,
+                    opt_g_state_mb=optimizer_state_bytes(trainer.opt_g) / 2 ** 20,
+                    g_trainable=sum(p.numel() for p in trainer.g_params),
+                    g_params=sum(p.numel() for p in trainer.G.parameters()))
+
+
+PAIRS = list(dict.fromkeys((c.disc, c.path) for c in CASES))
+
+
+@pytest.mark.parametrize('disc,path', PAIRS, ids=[f'{d}-{p}' for d, p in PAIRS])
+def test_train_step(disc, path, benchmark, memory_probe):
+    """The freeze levels of one path side by side: each one's peak memory first, right after its build, then their
+    timed iterations interleaved round by round (order alternating), so that a slow spell of this shared machine
+    lands on D2O and D2O-F alike and their ratio compares like with like. pytest-benchmark times whole rounds; each
+    case's figures come from its own iterations."""
+    cases = [c for c in CASES if (c.disc, c.path) == (disc, path)]
+    torch._dynamo.reset()  # each path compiles its own graphs; no cache-size limit carried over
+    runs = []
+    for case in cases:
+        with probe_allocator():  # everything the probed step reuses is allocated under the probe's allocator
+            run = Run(case)
+            run.measure_memory(memory_probe)
+        runs.append(run)
+    slow = disc == 'projected' and not CUDA  # ~10 s per CPU iteration: fewer rounds keep the suite within 10 minutes
+    order = list(runs)
+
+    def interleaved_round():
+        for run in order:
+            run.iteration()
+        order.reverse()
+
+    with steady_allocator():
+        for run in runs:
+            run.iteration()  # the heap grows to the step's needs; not measured
+            run.cpu.clear(), run.wall.clear()
+        benchmark.pedantic(interleaved_round, rounds=2 if slow else ROUNDS, iterations=1, warmup_rounds=0)
+        for _ in range(1 if slow else 2):
+            for run in runs:
+                run.r1()
+    for run in runs:
+        row = run.row()
+        benchmark.extra_info[run.case.name] = row
+        _results[run.case] = row
+        assert row['img_per_sec'] > 0 and row['opt_g_state_mb'] > 0
 
 #----------------------------------------------------------------------------
 
@@ -242,7 +290,7 @@ def markdown(rows, machine, checks):
              f'bf16+fused = eager with bf16 autocast of G and D, channels_last and the fused GroupNorm extension; compiled = torch.compile '
              f'(fullgraph, static shapes) + bf16 autocast of G and D; compiled+fused = the same with the fused GroupNorm '
              f'extension (ops backend cpu/cuda). Compile + warm-up is timed apart and not in img/s. Peak memory = '
-             f'training-state tensors + resident-set growth during the measured iterations (benchmarks/conftest.py).',
+             f'training-state tensors + resident-set growth in an iteration + R1 step of their own, before the timed ones (benchmarks/conftest.py).',
              '', '| case | batch | G prec | kernels | CPU ms/iter | img/s | vs eager | vs D2O | wall ms/iter | wall vs eager '
              '| peak MB | vs eager mem | G opt state MB | G trainable / total | compile+warm-up wall s (CPU s) |',
              '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
