@@ -14,8 +14,9 @@ own memory (Inductor's graphs and generated code), which are the same size whate
 Timing never runs under the probe's allocator: with a 64 KiB threshold every activation is a fresh mapping whose
 pages the kernel faults in and zeroes on first touch, which is not how a training process runs (glibc raises its
 threshold after the first frees and reuses the heap). Timed work runs under `steady_allocator()`, the heap reuse of a
-process in its steady state, after the memory probe (a heap grown by timed work would serve the probe's tensors
-from memory already resident, and the probe would not see them).
+process in its steady state (a heap as large as the probe's peak growth made resident first), after the memory
+probe (a heap grown by timed work would serve the probe's tensors from memory already resident, and the probe would
+not see them).
 """
 
 import contextlib
@@ -90,12 +91,19 @@ def malloc_thresholds(mmap, trim):
             set_malloc_thresholds(mmap=GLIBC_DEFAULT_THRESHOLD, trim=GLIBC_DEFAULT_THRESHOLD)
 
 
-def steady_allocator():
+@contextlib.contextmanager
+def steady_allocator(reserve_bytes=0):
     """CPU: glibc keeps freed blocks for reuse (fixed 1 GiB mmap and trim thresholds), as it does by itself in a
     training process's steady state. Without this, whether a fresh multi-MB tensor costs page faults depends on
     glibc's adaptive thresholds, and the unfused GroupNorm sequence (several such tensors per call) varied 3-9 ms
-    from one process to the next here for the same shape."""
-    return malloc_thresholds(mmap=STEADY_THRESHOLD_BYTES, trim=STEADY_THRESHOLD_BYTES)
+    from one process to the next here for the same shape. `reserve_bytes` of heap are touched and freed first: the
+    resident free heap a process holds once it has run the work (the memory probe measures how much that is)."""
+    with malloc_thresholds(mmap=STEADY_THRESHOLD_BYTES, trim=STEADY_THRESHOLD_BYTES):
+        if reserve_bytes > 0:
+            block = torch.empty(int(reserve_bytes), dtype=torch.uint8)
+            block.fill_(1)  # every page faulted in now, not in the timed work
+            del block
+        yield
 
 
 def probe_allocator():
