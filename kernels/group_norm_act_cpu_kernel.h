@@ -211,11 +211,20 @@ struct Chunking {
   int64_t rows;     // spatial positions per chunk
   int64_t chunks;   // chunks per sample
   int64_t count(int64_t k, int64_t HW) const { return std::min(rows, HW - k * rows); }
+  // Element offset of chunk t = n * chunks + k (its first row, first channel).
+  int64_t offset(int64_t t, const Problem& p) const { return ((t / chunks) * p.HW + (t % chunks) * rows) * p.C; }
 };
 
 inline Chunking make_chunking(const Problem& p) {
   const int64_t rows = std::clamp<int64_t>(kChunkElements / std::max<int64_t>(p.C, 1), 1, p.HW);
   return {rows, (p.HW + rows - 1) / rows};
+}
+
+// f(n, e) for every row of chunk t: n its sample, e the element offset of the row's first channel.
+template <typename F>
+inline void for_each_chunk_row(const Problem& p, const Chunking& ch, int64_t t, F&& f) {
+  const int64_t n = t / ch.chunks, first = ch.offset(t, p);
+  for (int64_t r = 0; r < ch.count(t % ch.chunks, p.HW); ++r) f(n, first + r * p.C);
 }
 
 // Runs the three phases of a channels_last kernel: chunk(t) over every chunk t = n * chunks + k, then group(ng) over
@@ -453,27 +462,25 @@ void forward_nhwc(const ForwardArgs& args) {
   run_phases_nhwc<Scratch>(
       p, ch, [&] { return Scratch{std::vector<float>(p.C), std::vector<double>(Cg), std::vector<double>(Cg)}; },
       [&](int64_t t, Scratch& s) {
-        const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
-        chunk_moments(x + (n * p.HW + chunk * ch.rows) * p.C, ch.count(chunk, p.HW), p.C, &cmean[t * p.C],
-                      &cm2[t * p.C], s.residual.data());
+        chunk_moments(x + ch.offset(t, p), ch.count(t % ch.chunks, p.HW), p.C, &cmean[t * p.C], &cm2[t * p.C],
+                      s.residual.data());
       },
       [&](int64_t ng, Scratch& s) {
         combine_group(args, ch, ng, cmean.data(), cm2.data(), k, s.channel_mean.data(), s.channel_m2.data());
       },
       [&](int64_t t, Scratch&) {
-        const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
+        const int64_t n = t / ch.chunks;
         const float* Kn = &k.K[n * p.C];
         const float* An = &k.A[n * p.C];
         const float* Bn = &k.B[n * p.C];
-        const int64_t offset = (n * p.HW + chunk * ch.rows) * p.C;
-        for (int64_t r = 0; r < ch.count(chunk, p.HW); ++r) {
-          const T* xr = x + offset + r * p.C;
-          T* yr = y + offset + r * p.C;
+        for_each_chunk_row(p, ch, t, [&](int64_t, int64_t e) {
+          const T* xr = x + e;
+          T* yr = y + e;
           for_each_vec(p.C, [&](int64_t c, int64_t m) {
             const Vec hc = load(xr + c, m) - load(Kn + c, m);
             store(yr + c, activate<kSilu>(at::vec::fmadd(hc, load(An + c, m), load(Bn + c, m))), m);
           });
-        }
+        });
       });
 }
 
@@ -639,15 +646,13 @@ void backward_nhwc(const BackwardArgs& args) {
   run_phases_nhwc<Scratch>(
       p, ch, [&] { return Scratch{std::vector<double>(Cg), std::vector<double>(Cg), std::vector<double>(Cg)}; },
       [&](int64_t t, Scratch&) {
-        const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
         float* Pt = &P[t * p.C];
         float* Qt = &Q[t * p.C];
         float* Ht = &H[t * p.C];
-        const int64_t offset = (n * p.HW + chunk * ch.rows) * p.C;
-        for (int64_t r = 0; r < ch.count(chunk, p.HW); ++r) {
-          const T* xr = x + offset + r * p.C;
-          const T* gr = dy + offset + r * p.C;
-          T* dxr = dx + offset + r * p.C;
+        for_each_chunk_row(p, ch, t, [&](int64_t n, int64_t e) {
+          const T* xr = x + e;
+          const T* gr = dy + e;
+          T* dxr = dx + e;
           for_each_vec(p.C, [&](int64_t c, int64_t m) {
             const int64_t nc = n * p.C + c;
             Vec vp = load(Pt + c, m), vq = load(Qt + c, m), vh = load(Ht + c, m);
@@ -658,7 +663,7 @@ void backward_nhwc(const BackwardArgs& args) {
             store(Qt + c, vq, m);
             store(Ht + c, vh, m);
           });
-        }
+        });
       },
       [&](int64_t ng, Scratch& s) {
         const int64_t n = ng / p.G, c0 = (ng % p.G) * Cg;
@@ -675,12 +680,10 @@ void backward_nhwc(const BackwardArgs& args) {
         group_grad_coefficients(args, ng, s.sp.data(), s.sq.data(), s.sh.data(), &E[first], &F[first], &G[first]);
       },
       [&](int64_t t, Scratch&) {
-        const int64_t n = t / ch.chunks, chunk = t % ch.chunks;
-        const int64_t offset = (n * p.HW + chunk * ch.rows) * p.C;
-        for (int64_t r = 0; r < ch.count(chunk, p.HW); ++r) {
-          const T* xr = x + offset + r * p.C;
-          const T* gr = dy + offset + r * p.C;
-          T* dxr = dx + offset + r * p.C;
+        for_each_chunk_row(p, ch, t, [&](int64_t n, int64_t e) {
+          const T* xr = x + e;
+          const T* gr = dy + e;
+          T* dxr = dx + e;
           for_each_vec(p.C, [&](int64_t c, int64_t m) {
             const int64_t nc = n * p.C + c;
             const Vec hc = load(xr + c, m) - load(&k.K[nc], m);
@@ -692,7 +695,7 @@ void backward_nhwc(const BackwardArgs& args) {
             }
             store(dxr + c, at::vec::fmadd(dz, load(&E[nc], m), at::vec::fmadd(hc, load(&F[nc], m), load(&G[nc], m))), m);
           });
-        }
+        });
       });
 }
 
