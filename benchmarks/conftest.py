@@ -34,12 +34,19 @@ MMAP_THRESHOLD_BYTES = 64 * 1024               # the memory probe's: every tenso
 STEADY_THRESHOLD_BYTES = 1 << 30               # timed work: freed blocks stay in the heap for reuse
 
 
+def _glibc():
+    """glibc through ctypes, or None where it cannot be reached (not glibc)."""
+    try:
+        return ctypes.CDLL('libc.so.6')
+    except OSError:
+        return None
+
+
 def set_malloc_thresholds(mmap=None, trim=None):
     """glibc's mmap / trim thresholds in bytes (fixed values also stop glibc adapting them). False if this
     libc cannot be reached (not glibc): the caller's measurement then runs with the allocator as it is."""
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-    except OSError:
+    libc = _glibc()
+    if libc is None:
         return False
     if mmap is not None:
         libc.mallopt(M_MMAP_THRESHOLD, mmap)
@@ -109,10 +116,9 @@ def steady_allocator(reserve_bytes=0):
 def probe_allocator():
     """CPU: every allocation of 64 KiB or more is its own mapping (see the module docstring); the heap's free
     memory is returned to the system first, so that earlier work's freed blocks do not serve the probe's tensors."""
-    try:
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
     return malloc_thresholds(mmap=MMAP_THRESHOLD_BYTES, trim=GLIBC_DEFAULT_THRESHOLD)
 
 

@@ -55,10 +55,11 @@ def jit_build(with_cuda=None, verbose=False):
     from torch.utils import cpp_extension
     if with_cuda is None:
         with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
-    missing = [n for n in build_sources(with_cuda) if not (KERNELS_DIR / n).exists()]
+    names = build_sources(with_cuda)
+    missing = [n for n in names if not (KERNELS_DIR / n).exists()]
     if missing:
         raise FileNotFoundError(f'kernel sources not found in {KERNELS_DIR}: {", ".join(missing)}')
-    sources = [str(KERNELS_DIR / n) for n in build_sources(with_cuda)]
+    sources = [str(KERNELS_DIR / n) for n in names]
     digest = source_digest(KERNELS_DIR, with_cuda)
     macros = [f'-D{DIGEST_MACRO}={digest}'] + ([f'-D{CUDA_MACRO}'] if with_cuda else [])
     return cpp_extension.load(
