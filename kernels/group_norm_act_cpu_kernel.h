@@ -153,6 +153,30 @@ inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
 }
 
+// The horizontal sums of three vectors, sharing the shuffle steps (AVX512: 9 shuffles and 7 adds instead of 24
+// instructions; the NCHW backward takes three per row, which at 8x8 is one per 1.3 vectors of work).
+inline void hsum3(const Vec& a, const Vec& b, const Vec& c, float& sa, float& sb, float& sc) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 zero = _mm512_setzero_ps();
+  // 128-bit lanes [a0+a2, a1+a3, b0+b2, b1+b3] and [c0+c2, c1+c3, 0, 0].
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(c, zero, 0x44), _mm512_shuffle_f32x4(c, zero, 0xEE));
+  // One 128-bit lane per input: [a, b, c, 0], four partial sums each.
+  __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(ab, c0, 0x88), _mm512_shuffle_f32x4(ab, c0, 0xDD));
+  t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E));
+  t = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));
+  alignas(64) float out[16];
+  _mm512_store_ps(out, t);
+  sa = out[0];
+  sb = out[4];
+  sc = out[8];
+#else
+  sa = hsum(a);
+  sb = hsum(b);
+  sc = hsum(c);
+#endif
+}
+
 // f(offset, count) over [0, n) in vector steps; the tail gets count < kW.
 template <typename F>
 inline void for_each_vec(int64_t n, F&& f) {
@@ -589,7 +613,6 @@ void backward_nchw(const BackwardArgs& args) {
   const int64_t Cg = p.C / p.G;
   constexpr bool kDzInDx = std::is_same_v<T, float>;
   const bool in_scratch = !kDzInDx && Cg * p.HW <= kGroupScratchElements;
-  const bool need_h = args.dadd != nullptr;  // sum hc only enters dadd
   at::parallel_for(0, p.N * p.G, grain(Cg * p.HW), [&](int64_t begin, int64_t end) {
     std::vector<float> sp(Cg), sq(Cg), sh(Cg);
     Coefs k(Cg);  // the group's K, A, B per row, for both passes
@@ -627,9 +650,7 @@ void backward_nchw(const BackwardArgs& args) {
           accumulate_grad_sums<kSilu>(xv, g, kc, a, b, m, vp, vq, vh);
           if (dzr) for (int v = 0; v < NV; ++v) store(dzr + j + v * kW, g[v], m);
         });
-        sp[i] = hsum(vp);
-        sq[i] = hsum(vq);
-        sh[i] = need_h ? hsum(vh) : 0.f;
+        hsum3(vp, vq, vh, sp[i], sq[i], sh[i]);
       }
       group_grad_coefficients(args, ng, sp.data(), sq.data(), sh.data(), E.data(), F.data(), G.data());
       for (int64_t i = 0; i < Cg; ++i) {
