@@ -33,7 +33,7 @@ FLAGS = list(itertools.product((False, True), repeat=4))  # add, scale, shift, s
 
 # (N, C, H, W, num_groups): N = 1; H * W = 1; 4 channels per group with C = 20 (not a
 # multiple of any vector width); 2 channels per group with C = 6 (fewer than one vector); C = 72 and H * W = 80
-# (a block of four 16-lane vectors, then single vectors and a partial one, in channels and in rows).
+# (a block of four 16-lane vectors, then a partial vector in channels and a single full one in rows).
 SHAPES = [(1, 8, 4, 4, 2), (3, 12, 1, 1, 3), (2, 20, 5, 7, 5), (2, 6, 3, 3, 3), (2, 64, 8, 8, 32),
           (2, 72, 8, 10, 8)]
 
