@@ -22,6 +22,8 @@ Backend contract (implemented by triton_group_norm.py, native.py and the referen
 Dispatch (d2o_fast/ops/dispatch.py) picks the backend; the non-'torch' backends run behind
 the torch.library custom ops d2o_fast::group_norm_act_fwd / _bwd (fake kernels + autograd
 registered), so torch.compile(fullgraph=True) traces through them without a graph break.
+They take inputs of any strides (tagged flexible_layout, so Inductor's channels_last convolution
+graphs reach the kernels without transposes) and give the backends the layout above.
 Their first run per configuration is self-checked against the reference.
 """
 
@@ -207,33 +209,59 @@ def _trusted(backend, x, weight, add, scale, shift, num_groups, eps, silu):
 #----------------------------------------------------------------------------
 # Custom ops: opaque to torch.compile, with fake kernels and autograd.
 
-@torch.library.custom_op('d2o_fast::group_norm_act_fwd', mutates_args=())
+# Both ops are tagged flexible_layout: Inductor hands them its tensors in whatever layout it chose for them. On
+# CPU it lays convolution graphs out channels_last; under the default constraint (the traced strides, NCHW) it
+# would transpose every tensor into and out of each op. The ops then bring their inputs into the layout the
+# kernels take (_kernel_layout; a no-op for the dense tensors Inductor produces) and give their outputs x's strides,
+# and the fakes state exactly that, so the strides Inductor plans with are the ones the kernels return.
+_FLEXIBLE = (torch.Tag.flexible_layout,)
+
+
+def _kernel_layout(x, *params):
+    """x dense in its own memory format (NCHW or channels_last), every other tensor contiguous (None stays None)."""
+    return (x.contiguous(memory_format=memory_format_of(x)),
+            *(None if t is None else t.contiguous() for t in params))
+
+
+def _strided_like(t, x):
+    """t (shaped like x) with x's strides: a backend that returns another valid layout is copied, never trusted."""
+    return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
+
+
+@torch.library.custom_op('d2o_fast::group_norm_act_fwd', mutates_args=(), tags=_FLEXIBLE)
 def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: torch.Tensor | None,
             scale: torch.Tensor | None, shift: torch.Tensor | None, num_groups: int, eps: float, silu: bool,
             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, weight, bias, add, scale, shift = _kernel_layout(x, weight, bias, add, scale, shift)
     impl = _trusted(backend, x, weight, add, scale, shift, num_groups, eps, silu)
-    return impl.forward(x, weight, bias, add, scale, shift, num_groups, eps, silu)
+    y, mean, rstd = impl.forward(x, weight, bias, add, scale, shift, num_groups, eps, silu)
+    return _strided_like(y, x), mean.contiguous(), rstd.contiguous()
 
 
 @_fwd_op.register_fake
 def _fwd_fake(x, weight, bias, add, scale, shift, num_groups, eps, silu, backend):
+    x = _kernel_layout(x)[0]
     stats = x.new_empty([x.shape[0], num_groups], dtype=torch.float32)
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op('d2o_fast::group_norm_act_bwd', mutates_args=())
+@torch.library.custom_op('d2o_fast::group_norm_act_bwd', mutates_args=(), tags=_FLEXIBLE)
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: torch.Tensor | None,
             scale: torch.Tensor | None, shift: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
             num_groups: int, eps: float, silu: bool, backend: str) -> list[torch.Tensor]:
     """[dx, dweight, dbias] + [dadd, dscale, dshift for those inputs that are not None] (ops cannot return None)."""
+    x, weight, bias, add, scale, shift, mean, rstd = _kernel_layout(x, weight, bias, add, scale, shift, mean, rstd)
+    dy = dy.contiguous(memory_format=memory_format_of(x))
     impl = _trusted(backend, x, weight, add, scale, shift, num_groups, eps, silu)
-    grads = impl.backward(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, silu)
-    return [g for g in grads if g is not None]
+    grads = [g for g in impl.backward(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, silu)
+             if g is not None]
+    return [_strided_like(grads[0], x)] + [g.contiguous() for g in grads[1:]]
 
 
 @_bwd_op.register_fake
 def _bwd_fake(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, eps, silu, backend):
-    return [torch.empty_like(t) for t in (x, weight, bias, add, scale, shift) if t is not None]
+    x, *params = _kernel_layout(x, weight, bias, add, scale, shift)
+    return [torch.empty_like(t) for t in (x, *params) if t is not None]
 
 
 def _setup_context(ctx, inputs, output):
@@ -247,7 +275,6 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, add, scale, shift, mean, rstd = ctx.saved_tensors
     num_groups, eps, silu, backend = ctx.config
-    dy = dy.contiguous(memory_format=memory_format_of(x))
     grads = iter(_bwd_op(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, eps, silu, backend))
     dx, dweight, dbias = next(grads), next(grads), next(grads)
     dadd, dscale, dshift = (next(grads) if t is not None else None for t in (add, scale, shift))
@@ -282,9 +309,8 @@ def group_norm_act(x, weight, bias, num_groups, eps, add=None, scale=None, shift
     if backend == 'torch' or x.dtype not in FAST_DTYPES:
         return group_norm_act_reference(x, weight, bias, num_groups, eps, add=add, scale=scale, shift=shift, silu=silu)
     N, C = x.shape[:2]
-    x = x.contiguous(memory_format=memory_format_of(x))
-    add, scale, shift = (None if t is None else t.reshape(N, C).contiguous() for t in (add, scale, shift))
-    y, _, _ = _fwd_op(x, weight.contiguous(), bias.contiguous(), add, scale, shift, int(num_groups), float(eps), bool(silu), backend)
+    add, scale, shift = (None if t is None else t.reshape(N, C) for t in (add, scale, shift))
+    y, _, _ = _fwd_op(x, weight, bias, add, scale, shift, int(num_groups), float(eps), bool(silu), backend)
     return y
 
 

@@ -44,7 +44,8 @@ def random_inputs(shape=(2, 16, 5, 6), groups=4, dtype=torch.float32, channels_l
 
 def run_with_grads(fn, inputs, groups, silu, eps=1e-5, dy=None, dtype=None):
     """y and the gradients of sum(y * dy) w.r.t. every present input, computed in `dtype` (default: as given)."""
-    leaves = {k: (v.to(dtype) if dtype else v.clone()).requires_grad_() for k, v in inputs.items() if v is not None}
+    # detach() keeps the inputs' strides (views stay views).
+    leaves = {k: (v.to(dtype) if dtype else v.detach()).requires_grad_() for k, v in inputs.items() if v is not None}
     y = fn(leaves['x'], leaves['weight'], leaves['bias'], groups, eps, add=leaves.get('add'), scale=leaves.get('scale'),
            shift=leaves.get('shift'), silu=silu)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype) if dy is None else dy.to(y.dtype)
@@ -255,6 +256,76 @@ def test_custom_op_opcheck(flags):
     args = [inputs[k].requires_grad_() if inputs[k] is not None else None for k in ('x', 'weight', 'bias', 'add', 'scale', 'shift')]
     torch.library.opcheck(torch.ops.d2o_fast.group_norm_act_fwd.default, (*args, groups, 1e-5, silu, 'cpu'),
                           test_utils=('test_schema', 'test_autograd_registration', 'test_faketensor'))
+
+def strided_inputs(layout, seed=3):
+    """Inputs with the strides Inductor may hand the flexible_layout ops: x a channel slice of a wider tensor
+    (not dense) or with H and W transposed (dense in neither format), add/scale/shift halves of [N, 2C] rows."""
+    g = torch.Generator().manual_seed(seed)
+    N, C, H, W = 2, 8, 5, 6
+    wide = torch.randn(N, 2 * C, H, W, generator=g) * 2 + 1
+    x = {'channel_slice_nhwc': wide.contiguous(memory_format=torch.channels_last)[:, 3:3 + C],
+         'channel_slice_nchw': wide[:, 3:3 + C],
+         'hw_transposed': torch.randn(N, C, W, H, generator=g).transpose(2, 3)}[layout]
+    halves = lambda: (torch.randn(N, 2 * C, generator=g) * 0.5).chunk(2, dim=1)
+    add, scale = halves()
+    shift, _ = halves()
+    return dict(x=x, weight=torch.randn(C, generator=g) * 0.5 + 1, bias=torch.randn(C, generator=g),
+                add=add, scale=scale, shift=shift), 4
+
+
+@pytest.mark.parametrize('layout', ['channel_slice_nhwc', 'channel_slice_nchw', 'hw_transposed'])
+def test_custom_op_any_input_strides(layout):
+    """The ops take any strides (they are tagged flexible_layout); the native kernels, which compute on dense
+    tensors, get them in their layout and the results match the reference."""
+    inputs, groups = strided_inputs(layout)
+    assert not inputs['x'].is_contiguous() and not inputs['scale'].is_contiguous()
+    if not is_available('cpu', 'cpu'):
+        register_backend('cpu', ReferenceBackend)
+    set_backend('cpu')
+    assert_matches_float64(inputs, groups, silu=True)
+    register_backend('cpu', ReferenceBackend)
+    args = [inputs[k].requires_grad_() for k in ('x', 'weight', 'bias', 'add', 'scale', 'shift')]
+    torch.library.opcheck(torch.ops.d2o_fast.group_norm_act_fwd.default, (*args, groups, 1e-5, True, 'cpu'),
+                          test_utils=('test_schema', 'test_autograd_registration', 'test_faketensor'))
+
+
+def test_inductor_passes_channels_last_through_custom_ops():
+    """On CPU Inductor lays convolution graphs out channels_last. The ops take those tensors as they are: the
+    compiled code calls them on the convolution's NHWC output and plans NHWC outputs (forward y and backward dx), and
+    the compiled step matches eager."""
+    from torch._inductor.utils import run_and_get_code
+    if not is_available('cpu', 'cpu'):
+        register_backend('cpu', ReferenceBackend)
+    set_backend('cpu')
+    torch.manual_seed(0)
+    conv1, conv2, emb = torch.nn.Conv2d(4, 16, 3, padding=1), torch.nn.Conv2d(16, 4, 3, padding=1), torch.nn.Linear(5, 32)
+    weight, bias = (torch.randn(16) * 0.5 + 1).requires_grad_(), torch.randn(16).requires_grad_()
+    params = [weight, bias, *conv1.parameters(), *conv2.parameters(), *emb.parameters()]
+    x, e = torch.randn(2, 4, 6, 6), torch.randn(2, 5)
+
+    def loss_fn(x, e):
+        scale, shift = emb(e).chunk(2, dim=1)
+        return conv2(group_norm_act(conv1(x), weight, bias, 4, 1e-5, scale=scale, shift=shift)).square().mean()
+
+    def step(fn):
+        for p in params:
+            p.grad = None
+        loss = fn(x, e)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in params]
+    expected = step(loss_fn)
+    torch._dynamo.reset()
+    # Compiled afresh: Inductor's caches key graphs by their code, not by the ops' layout tags.
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        got, codes = run_and_get_code(step, torch.compile(loss_fn, fullgraph=True))
+    for g, want in zip(got, expected):
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
+    nhwc = '(2, 16, 6, 6), (576, 1, 96, 16)'
+    for op in ('group_norm_act_fwd', 'group_norm_act_bwd'):
+        planned = [line for code in codes for line in code.splitlines()
+                   if 'assert_size_stride' in line and f'd2o_fast.{op}' in line and '(2, 16, 6, 6)' in line]
+        assert planned and all(nhwc in line for line in planned), (op, planned)
+
 
 #----------------------------------------------------------------------------
 # torch.compile of whole U-Nets: no graph break, same numbers as eager.
