@@ -129,9 +129,11 @@ def test_each_cpu_capability(cpu_capability, dtype, channels_last):
 
 
 @pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'nhwc'])
-@pytest.mark.parametrize('shape', [(1, 8, 128, 128, 2), (1, 16, 128, 128, 2)], ids=['group-64k', 'group-128k'])
+@pytest.mark.parametrize('shape', [(1, 8, 128, 128, 2), (1, 16, 128, 128, 2), (2, 24, 37, 41, 6)],
+                         ids=['group-64k', 'group-128k', 'partial-chunk'])
 def test_large_spatial_extent(shape, channels_last):
-    """128 x 128 pixels: several chunks per sample (NHWC) and long rows (NCHW). NCHW keeps a group's dz between its
+    """128 x 128 pixels: several chunks per sample (NHWC) and long rows (NCHW); 37 x 41 pixels of 24 channels: NHWC
+    chunks whose last one is partial (1517 rows in chunks of 341). NCHW keeps a group's dz between its
     passes in dx for float32; bfloat16 keeps it in a scratch up to 64Ki elements (4 channels here) and recomputes
     it beyond (8 channels)."""
     _check(shape, torch.float32, channels_last, True, True, True, True)
