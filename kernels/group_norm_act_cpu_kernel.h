@@ -503,9 +503,12 @@ void forward_nhwc(const ForwardArgs& args) {
         combine_group(args, ch, ng, cmean.data(), cm2.data(), k, s.channel_mean.data(), s.channel_m2.data());
       },
       [&](int64_t t, Scratch&) {
-        const int64_t nc0 = (t / ch.chunks) * p.C, rows = ch.count(t % ch.chunks, p.HW);
+        const int64_t n = t / ch.chunks, nc0 = n * p.C, rows = ch.count(t % ch.chunks, p.HW);
         const T* xt = x + ch.offset(t, p);
         T* yt = y + ch.offset(t, p);
+        // The same rows of the next sample, which its first pass reads from memory next: fetched while this one
+        // computes, as the NCHW forward fetches the next group (the first pass had stalled on x).
+        const T* xnext = n + 1 < p.N ? xt + p.HW * p.C : xt;
         const float* Kn = &k.K[nc0];
         const float* An = &k.A[nc0];
         const float* Bn = &k.B[nc0];
@@ -513,6 +516,7 @@ void forward_nhwc(const ForwardArgs& args) {
           for_each_vec_block<4>(p.C, [&](int64_t c0, auto nv, int64_t m) {
             constexpr int NV = decltype(nv)::value;
             Vec z[NV];
+            for (int v = 0; v < NV; ++v) __builtin_prefetch(xnext + r * p.C + c0 + v * kW);
             for (int v = 0; v < NV; ++v) {
               const int64_t c = c0 + v * kW;
               z[v] = at::vec::fmadd(load(xt + r * p.C + c, m) - load(Kn + c, m), load(An + c, m), load(Bn + c, m));
