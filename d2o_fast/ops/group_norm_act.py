@@ -250,8 +250,8 @@ def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch
             scale: torch.Tensor | None, shift: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
             num_groups: int, eps: float, silu: bool, backend: str) -> list[torch.Tensor]:
     """[dx, dweight, dbias] + [dadd, dscale, dshift for those inputs that are not None] (ops cannot return None)."""
+    # dy may have any layout: the backend contract has every backend bring it to x's.
     x, weight, bias, add, scale, shift, mean, rstd = _kernel_layout(x, weight, bias, add, scale, shift, mean, rstd)
-    dy = dy.contiguous(memory_format=memory_format_of(x))
     impl = _trusted(backend, x, weight, add, scale, shift, num_groups, eps, silu)
     grads = [g for g in impl.backward(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, silu)
              if g is not None]
