@@ -20,7 +20,7 @@ Backend contract (implemented by triton_group_norm.py, native.py and the referen
     available(device_type) -> bool
 
 Dispatch (d2o_fast/ops/dispatch.py) picks the backend; the non-'torch' backends run behind
-the torch.library custom ops d2o_fast::group_norm_act_fwd / _bwd (fake kernels + autograd
+the torch.library custom ops d2o_fast::group_norm_act_fwd_v2 / _bwd_v2 (fake kernels + autograd
 registered), so torch.compile(fullgraph=True) traces through them without a graph break.
 They take inputs of any strides (tagged flexible_layout, so Inductor's channels_last convolution
 graphs reach the kernels without transposes) and give the backends the layout above.
@@ -215,6 +215,11 @@ def _trusted(backend, x, weight, add, scale, shift, num_groups, eps, silu):
 # kernels take (_kernel_layout; a no-op for the dense tensors Inductor produces) and give their outputs x's strides,
 # and the fakes state exactly that, so the strides Inductor plans with are the ones the kernels return.
 _FLEXIBLE = (torch.Tag.flexible_layout,)
+# The ops' names carry the version of that layout contract (v2: flexible_layout). Inductor's on-disk caches key a
+# compiled graph by its code, which names the ops but not their tags, so graphs compiled against the NCHW-only v1 ops
+# would otherwise be reused from a warm cache: correct, but with the transposes, and running the NCHW kernels, whose
+# rounding gives another training trajectory than a fresh compile.
+_FWD_NAME, _BWD_NAME = 'd2o_fast::group_norm_act_fwd_v2', 'd2o_fast::group_norm_act_bwd_v2'
 
 
 def _kernel_layout(x, *params):
@@ -228,7 +233,7 @@ def _strided_like(t, x):
     return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
 
 
-@torch.library.custom_op('d2o_fast::group_norm_act_fwd', mutates_args=(), tags=_FLEXIBLE)
+@torch.library.custom_op(_FWD_NAME, mutates_args=(), tags=_FLEXIBLE)
 def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: torch.Tensor | None,
             scale: torch.Tensor | None, shift: torch.Tensor | None, num_groups: int, eps: float, silu: bool,
             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -245,7 +250,7 @@ def _fwd_fake(x, weight, bias, add, scale, shift, num_groups, eps, silu, backend
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op('d2o_fast::group_norm_act_bwd', mutates_args=(), tags=_FLEXIBLE)
+@torch.library.custom_op(_BWD_NAME, mutates_args=(), tags=_FLEXIBLE)
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: torch.Tensor | None,
             scale: torch.Tensor | None, shift: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
             num_groups: int, eps: float, silu: bool, backend: str) -> list[torch.Tensor]:

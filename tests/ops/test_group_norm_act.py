@@ -13,7 +13,7 @@ import torch
 from d2o_fast.ops import (GroupNormActError, KernelBackendError, KernelFallbackWarning, get_backend, group_norm_act,
                           group_norm_act_reference, resolve_backend, set_backend)
 from d2o_fast.ops.dispatch import ENV_VAR, SelfCheck, is_available, register_backend
-from d2o_fast.ops.group_norm_act import ReferenceBackend, reference_backward, reference_forward
+from d2o_fast.ops.group_norm_act import ReferenceBackend, _bwd_op, _fwd_op, reference_backward, reference_forward
 
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 1e-3), torch.bfloat16: (1.6e-2, 8e-3)}
 
@@ -254,7 +254,7 @@ def test_custom_op_opcheck(flags):
     add, scale, shift, silu = flags
     inputs, groups = random_inputs(shape=(2, 8, 3, 3), groups=2, channels_last=True, add=add, scale=scale, shift=shift)
     args = [inputs[k].requires_grad_() if inputs[k] is not None else None for k in ('x', 'weight', 'bias', 'add', 'scale', 'shift')]
-    torch.library.opcheck(torch.ops.d2o_fast.group_norm_act_fwd.default, (*args, groups, 1e-5, silu, 'cpu'),
+    torch.library.opcheck(_fwd_op._opoverload, (*args, groups, 1e-5, silu, 'cpu'),
                           test_utils=('test_schema', 'test_autograd_registration', 'test_faketensor'))
 
 def strided_inputs(layout, seed=3):
@@ -285,7 +285,7 @@ def test_custom_op_any_input_strides(layout):
     assert_matches_float64(inputs, groups, silu=True)
     register_backend('cpu', ReferenceBackend)
     args = [inputs[k].requires_grad_() for k in ('x', 'weight', 'bias', 'add', 'scale', 'shift')]
-    torch.library.opcheck(torch.ops.d2o_fast.group_norm_act_fwd.default, (*args, groups, 1e-5, True, 'cpu'),
+    torch.library.opcheck(_fwd_op._opoverload, (*args, groups, 1e-5, True, 'cpu'),
                           test_utils=('test_schema', 'test_autograd_registration', 'test_faketensor'))
 
 
@@ -321,9 +321,10 @@ def test_inductor_passes_channels_last_through_custom_ops():
     for g, want in zip(got, expected):
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
     nhwc = '(2, 16, 6, 6), (576, 1, 96, 16)'
-    for op in ('group_norm_act_fwd', 'group_norm_act_bwd'):
+    for op in (_fwd_op, _bwd_op):
+        name = op._qualname.replace('::', '.')  # as the generated code spells it
         planned = [line for code in codes for line in code.splitlines()
-                   if 'assert_size_stride' in line and f'd2o_fast.{op}' in line and '(2, 16, 6, 6)' in line]
+                   if 'assert_size_stride' in line and f'{name}.default' in line and '(2, 16, 6, 6)' in line]
         assert planned and all(nhwc in line for line in planned), (op, planned)
 
 
