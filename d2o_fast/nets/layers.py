@@ -157,7 +157,9 @@ class UNetBlock(torch.nn.Module):
         self.emb_channels = emb_channels
         self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
         self.dropout = dropout
-        self.skip_scale = skip_scale
+        # A Python float, not a NumPy scalar (NCSN++ passes np.sqrt(0.5)): torch.compile traces NumPy scalar attributes as
+        # graph inputs, fails to turn them into tensors and restarts the whole trace of the network.
+        self.skip_scale = float(skip_scale)
         self.adaptive_scale = adaptive_scale
 
         self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)

@@ -329,7 +329,7 @@ def test_inductor_passes_channels_last_through_custom_ops():
 
 
 #----------------------------------------------------------------------------
-# torch.compile of whole U-Nets: no graph break, same numbers as eager.
+# torch.compile of whole U-Nets: no graph break, no restarted trace, same numbers as eager.
 
 def tiny_unet(arch):
     from d2o_fast.nets import DhariwalUNet, SongUNet
@@ -355,8 +355,12 @@ def compiled_step_matches_eager(net, compile_backend):
     eager_loss, eager_grads = step(loss_fn)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+    torch._dynamo.utils.clear_compilation_metrics()
     compiled_loss, compiled_grads = step(torch.compile(loss_fn, fullgraph=True, backend=compile_backend))
     assert not torch._dynamo.utils.counters['graph_break'], dict(torch._dynamo.utils.counters['graph_break'])
+    # Traced once: a restart (e.g. a NumPy scalar attribute Dynamo cannot tensorify) repeats the whole trace.
+    restarts = [m.restart_reasons for m in torch._dynamo.utils.get_compilation_metrics() if m.restart_reasons]
+    assert not restarts, restarts
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
     for got, want in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
