@@ -64,7 +64,7 @@ else:
     G_ARCH_NAME = 'NCSN++ 32x32 narrowed (cifar10 arch with 64 ch, mult 2-2-2, 1 block/res, attn 16)'
     BATCH = {'stylegan2': 16, 'projected': 2}
 STYLEGAN2_CHANNELS = 128 if CUDA else 64
-ROUNDS = 3 if not CUDA else 20
+ROUNDS = 5 if not CUDA else 20  # timed rounds per path (each: one iteration of every freeze level)
 
 
 @dataclasses.dataclass(frozen=True)
