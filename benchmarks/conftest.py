@@ -3,9 +3,9 @@ in-process peak-memory probe for CPU runs.
 
 Peak memory on CPU (`memory_probe.measure`): the resident-set high-water mark (VmHWM in /proc/self/status) is
 reset (`/proc/self/clear_refs` <- 5) right before the probed work and read after it. The probed work (and the
-first steady step before it, which allocates gradients and optimizer state) runs under `probe_allocator()`: glibc's mmap threshold pinned at
-64 KiB (mallopt), so that every tensor of that size or more is its own mapping and freed tensors leave the resident
-set at once instead of staying in malloc's heap. Work before it (a trainer's build and compile) may run under the
+first steady step before it, which allocates gradients and optimizer state) runs under `probe_allocator()`:
+glibc's mmap threshold pinned at 64 KiB (mallopt), so that every tensor of that size or more is its own mapping and
+freed tensors leave the resident set at once instead of staying in malloc's heap. Work before it (a trainer's build and compile) may run under the
 process's own allocator: probe_allocator() first returns the heap's free memory to the system (malloc_trim), so
 freed blocks of that work do not serve the probed tensors unseen. What the probe reports is
     training state (bytes of every parameter, gradient, buffer and optimizer-state tensor)
