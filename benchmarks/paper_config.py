@@ -60,7 +60,7 @@ def build_trainer(variant, path, batch, generator_kwargs=None, disc_overrides=No
     import torch
     from d2o_fast.discriminators import build_discriminator
     from d2o_fast.engine.config import resolve_config
-    from d2o_fast.engine.setup import discriminator_kwargs
+    from d2o_fast.engine.tasks import discriminator_kwargs
     from d2o_fast.engine.trainer import D2OTrainer
     from d2o_fast.nets import build_network, edm_checkpoint_kwargs
 

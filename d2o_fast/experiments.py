@@ -33,7 +33,7 @@ def read_metrics(run_dir):
 def run_ablation(kimg, outdir, seed=0, eval_images=500, quiet=False):
     from d2o_fast.engine.config import resolve_config
     from d2o_fast.engine.loop import training_loop
-    from d2o_fast.engine.setup import build_d2o_task
+    from d2o_fast.engine.tasks import build_d2o_task
     results = []
     for name, overrides in METHODS:
         cfg = resolve_config('demo', kimg=kimg, outdir=os.path.join(outdir, 'runs'), seed=seed, snapshot_ticks=1,

@@ -16,7 +16,7 @@ def main(argv):
         print(cfg.to_json())
         return
     from d2o_fast.engine.loop import training_loop
-    from d2o_fast.engine.setup import build_edm_task
+    from d2o_fast.engine.tasks import build_edm_task
     training_loop(cfg, build_edm_task)
 
 

@@ -19,7 +19,7 @@ def main(argv):
         print(cfg.to_json())
         return
     from d2o_fast.engine.loop import training_loop
-    from d2o_fast.engine.setup import build_d2o_task
+    from d2o_fast.engine.tasks import build_d2o_task
     result = training_loop(cfg, build_d2o_task)
     if cfg.eval_demo and not result.stopped_by_signal and is_main():
         report_demo(cfg, result)
@@ -27,7 +27,7 @@ def main(argv):
 
 def report_demo(cfg, result):
     """The closing table of the demo: raw one step vs Heun teacher vs the fine-tuned generator."""
-    from d2o_fast.engine.setup import resolve_init_path
+    from d2o_fast.engine.tasks import resolve_init_path
     from d2o_fast.metrics.demo_report import compare_demo_generators, format_demo_table, write_demo_report
     print(f'Evaluating on {cfg.eval_images} samples (demo-FID: Frechet distance in the demo classifier\'s features) ...', flush=True)
     rows = compare_demo_generators(resolve_init_path(cfg.init), result.snapshot, num_images=cfg.eval_images,

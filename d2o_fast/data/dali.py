@@ -34,7 +34,7 @@ def dali_unsupported_reason(dataset):
         return f'DALI cannot read datasets of type {type(dataset).__name__}'
     if dataset.resized:
         return ('DALI reads datasets stored at their training resolution; this one is resized on load '
-                '(re-encode it with `python -m d2o_fast.dataset convert --resolution R`)')
+                '(re-encode it with `python -m d2o_fast.dataset_tool convert --resolution R`)')
     return None
 
 

@@ -275,7 +275,7 @@ def check_compatible(dataset, img_resolution, img_channels, label_dim):
     """
     if dataset.resolution != img_resolution:
         raise DatasetError(f'{dataset.path}: images are {dataset.resolution}x{dataset.resolution} but the network '
-                           f'expects {img_resolution}x{img_resolution} (re-encode with `python -m d2o_fast.dataset '
+                           f'expects {img_resolution}x{img_resolution} (re-encode with `python -m d2o_fast.dataset_tool '
                            f'convert --resolution {img_resolution}`)')
     if dataset.channels != img_channels:
         raise DatasetError(f'{dataset.path}: images have {dataset.channels} channels but the network expects '

@@ -4,7 +4,7 @@ NVIDIA's Inception detector cannot be downloaded everywhere, and Inception featu
 32x32 digits anyway. This classifier is trained by the project on the demo dataset
 (d2o_fast/data/demo.py) and shipped as d2o_fast/assets/demo_classifier.safetensors, made with
 
-    python -m d2o_fast.fid train-demo-classifier --dest d2o_fast/assets/demo_classifier.safetensors
+    python -m d2o_fast.evaluate train-demo-classifier --dest d2o_fast/assets/demo_classifier.safetensors
 
 It follows the detector's calling convention (uint8 [N, 3, 32, 32] in; return_features=True gives the
 128-d penultimate features, otherwise class logits), so the FID machinery runs on it unchanged. The
@@ -30,7 +30,7 @@ from d2o_fast.metrics.fid import images_to_uint8
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets',
                                'demo_classifier.safetensors')
-TRAIN_COMMAND = 'python -m d2o_fast.fid train-demo-classifier --dest d2o_fast/assets/demo_classifier.safetensors'
+TRAIN_COMMAND = 'python -m d2o_fast.evaluate train-demo-classifier --dest d2o_fast/assets/demo_classifier.safetensors'
 
 
 class DemoClassifier(torch.nn.Module):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from d2o_fast.checkpoint import CheckpointError, load_network
 from d2o_fast.engine import loop as loop_module
 from d2o_fast.engine.loop import TrainingError, training_loop
-from d2o_fast.engine.setup import build_d2o_task
+from d2o_fast.engine.tasks import build_d2o_task
 from d2o_fast.engine.state import list_states
 from tests.engine.conftest import tiny_config
 

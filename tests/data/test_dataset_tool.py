@@ -1,4 +1,4 @@
-"""`python -m d2o_fast.dataset`: convert and info, one-line errors, atomic writes."""
+"""`python -m d2o_fast.dataset_tool`: convert and info, one-line errors, atomic writes."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from d2o_fast.data import open_dataset
-from d2o_fast.dataset import main
+from d2o_fast.dataset_tool import main
 from tests.data.conftest import png_bytes, random_images, random_labels, write_folder, write_npz
 
 
@@ -70,7 +70,7 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path, capsys):
 
 
 def test_module_entry_point_has_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, '-m', 'd2o_fast.dataset', 'info', str(tmp_path / 'missing')],
+    result = subprocess.run([sys.executable, '-m', 'd2o_fast.dataset_tool', 'info', str(tmp_path / 'missing')],
                             capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
                                 os.path.abspath(__file__)))))
     assert result.returncode == 1

@@ -1,4 +1,4 @@
-"""python -m d2o_fast.convert: converts without running the pickle; errors are one line, exit code 1."""
+"""python -m d2o_fast.import_checkpoint: converts without running the pickle; errors are one line, exit code 1."""
 
 import os
 import pathlib
@@ -18,7 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 def _run(*args):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]))
-    return subprocess.run([sys.executable, '-m', 'd2o_fast.convert', *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, '-m', 'd2o_fast.import_checkpoint', *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=600)
 
 

@@ -1,17 +1,17 @@
 """FID and the demo metrics from the command line (EDM's protocol; NVIDIA's Inception detector from a local file).
 
     # Reference statistics of a dataset (EDM zip or folder) -> EDM-format .npz (mu, sigma)
-    python -m d2o_fast.fid ref --data datasets/cifar10-32x32.zip --dest refs/cifar10-32x32.npz \\
+    python -m d2o_fast.evaluate ref --data datasets/cifar10-32x32.zip --dest refs/cifar10-32x32.npz \\
         --detector inception-2015-12-05.pt
 
     # FID of a folder of images, or of 50,000 images from a one-step generator snapshot
-    python -m d2o_fast.fid calc --images samples/ --ref refs/cifar10-32x32.npz --detector inception-2015-12-05.pt
-    torchrun --standalone --nproc_per_node=8 -m d2o_fast.fid calc --snapshot run/snapshot.pt \\
+    python -m d2o_fast.evaluate calc --images samples/ --ref refs/cifar10-32x32.npz --detector inception-2015-12-05.pt
+    torchrun --standalone --nproc_per_node=8 -m d2o_fast.evaluate calc --snapshot run/snapshot.pt \\
         --ref refs/cifar10-32x32.npz --detector inception-2015-12-05.pt --num 50000
 
     # The demo feature network (ships trained in d2o_fast/assets/) and the demo metrics of a snapshot
-    python -m d2o_fast.fid train-demo-classifier --dest d2o_fast/assets/demo_classifier.safetensors
-    python -m d2o_fast.fid demo --snapshot run/snapshot.pt --num 2000
+    python -m d2o_fast.evaluate train-demo-classifier --dest d2o_fast/assets/demo_classifier.safetensors
+    python -m d2o_fast.evaluate demo --snapshot run/snapshot.pt --num 2000
 
 With fewer than 50,000 images the result is printed as "proxy FID (N images)".
 """
@@ -93,7 +93,7 @@ def cmd_demo(args):
 #----------------------------------------------------------------------------
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog='python -m d2o_fast.fid', description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(prog='python -m d2o_fast.evaluate', description=__doc__.split('\n')[0])
     sub = parser.add_subparsers(dest='command', required=True)
 
     p = sub.add_parser('ref', help='reference statistics (.npz with mu, sigma) of a dataset')

@@ -1,6 +1,6 @@
 """Convert an EDM / D2O pickle into a d2o_fast snapshot, without running the pickle's code.
 
-    python -m d2o_fast.convert edm-cifar10-32x32-cond-vp.pkl cifar10-cond-vp.safetensors [--as D2OPrecond]
+    python -m d2o_fast.import_checkpoint edm-cifar10-32x32-cond-vp.pkl cifar10-cond-vp.safetensors [--as D2OPrecond]
 """
 
 import argparse
@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv=None):
-    parser = _Parser(prog='python -m d2o_fast.convert', description=__doc__.strip().splitlines()[0])
+    parser = _Parser(prog='python -m d2o_fast.import_checkpoint', description=__doc__.strip().splitlines()[0])
     parser.add_argument('input', help='EDM / D2O network pickle (.pkl) or d2o_fast snapshot')
     parser.add_argument('output', help='snapshot to write (.safetensors)')
     parser.add_argument('--as', dest='as_class', choices=sorted(PRECOND_CLASSES), default=None,

@@ -1,7 +1,7 @@
 """Dataset tool: convert a folder / array / zip to EDM's dataset ZIP, or print what a dataset holds.
 
-    python -m d2o_fast.dataset convert --source SRC --dest OUT.zip [--resolution R] [--max-images N]
-    python -m d2o_fast.dataset info PATH [--verify]
+    python -m d2o_fast.dataset_tool convert --source SRC --dest OUT.zip [--resolution R] [--max-images N]
+    python -m d2o_fast.dataset_tool info PATH [--verify]
 
 SRC: a folder of PNG/JPEG images (labels from its dataset.json, if any), an EDM dataset .zip,
 or a uint8 .npy / .npz array. --resolution center-crops and Lanczos-resizes every image to R x R.
@@ -36,7 +36,7 @@ def info(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog='python -m d2o_fast.dataset', description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(prog='python -m d2o_fast.dataset_tool', description=__doc__.split('\n')[0])
     commands = parser.add_subparsers(dest='command', required=True)
     p = commands.add_parser('convert', help='write an EDM dataset ZIP')
     p.add_argument('--source', required=True, help='folder, .zip, .npy or .npz')

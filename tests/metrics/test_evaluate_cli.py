@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from d2o_fast.checkpoint import save_snapshot
-from d2o_fast.fid import main
+from d2o_fast.evaluate import main
 from d2o_fast.metrics import fid_from_stats, generator_stats, image_stats, load_detector, load_stats
 from d2o_fast.nets import architecture_kwargs, build_network
 from tests.metrics.conftest import random_images, write_folder
