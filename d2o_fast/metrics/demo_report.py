@@ -44,23 +44,25 @@ def compare_demo_generators(init_path, snapshot_path, num_images=500, batch=100,
     known = known or {}
     one_step = one_step_demo_metrics(num_images, batch)  # the same evaluation the training run makes
 
-    def heun():
-        teacher = load_network(init_path).eval()
-        z, labels = demo_latents(num_images, teacher.img_resolution, teacher.img_channels, teacher.label_dim)
-        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=heun_bf16):
-            images = _batched(lambda zz, c: edm_sampler(teacher, zz, c, num_steps=heun_steps), z, labels, batch)
-        return _demo_fid_and_accuracy(images, labels)
-
     rows = []
     for key, name, nfe, measure in [
         ('raw', '(a) pre-trained, raw one step', 1, lambda: one_step(load_network(init_path, as_class='D2OPrecond').eval())),
         ('heun', f'(b) pre-trained + Heun sampler ({heun_steps} steps{", bf16" if heun_bf16 else ""})', 2 * heun_steps - 1,
-         heun),
+         lambda: teacher_demo_metrics(init_path, num_images, batch, heun_steps, heun_bf16)),
         ('tuned', '(c) fine-tuned one-step generator', 1, lambda: one_step(load_network(snapshot_path).eval())),
     ]:
         m = known[key] if key in known else measure()
         rows.append(dict(name=name, nfe=nfe, fid=float(m['demo_fid']), accuracy=m['demo_accuracy'], num_images=num_images))
     return rows
+
+
+def teacher_demo_metrics(init_path, num_images=500, batch=100, heun_steps=18, bf16=True):
+    """{'demo_fid', 'demo_accuracy'} of the pre-trained denoiser with EDM's Heun sampler, on the evaluation's seeds."""
+    teacher = load_network(init_path).eval()
+    z, labels = demo_latents(num_images, teacher.img_resolution, teacher.img_channels, teacher.label_dim)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+        images = _batched(lambda zz, c: edm_sampler(teacher, zz, c, num_steps=heun_steps), z, labels, batch)
+    return _demo_fid_and_accuracy(images, labels)
 
 
 def one_step_demo_metrics(num_images=500, batch=250):

@@ -1,0 +1,159 @@
+"""The studies: each trains its arms over seeds, then writes <study>.json, .md and .png with a verdict.
+
+    ablation    the paper's claims: pre-training matters, freezing costs little, one step reaches the teacher
+    sweep       generator learning rates for D2O and D2O-F, so both can share one recipe
+    demo_seeds  the README's demo command on several seeds, against its two bars
+"""
+
+import json
+import os
+
+from d2o_fast.experiments import arms as arm_table
+from d2o_fast.experiments.report import (arm_summary, difference, plot_study, provenance, provenance_lines, runs_table,
+                                         summary_table)
+from d2o_fast.experiments.runs import run_arm, run_demo_command
+
+# The demo's bars (README): row (c) at most half of row (a)'s demo-FID, class accuracy at least 90%.
+DEMO_FID_FRACTION = 0.5
+DEMO_MIN_ACCURACY = 0.9
+
+
+def _train_all(arms, seeds, runs_dir, overrides):
+    return [(arm, [run_arm(arm, seed, runs_dir, overrides) for seed in seeds]) for arm in arms]
+
+
+def _write(outdir, name, payload, markdown):
+    os.makedirs(outdir, exist_ok=True)
+    with open(os.path.join(outdir, f'{name}.json'), 'w') as f:
+        json.dump(payload, f, indent=2)
+    with open(os.path.join(outdir, f'{name}.md'), 'w') as f:
+        f.write(markdown + '\n')
+    print(markdown, flush=True)
+
+#----------------------------------------------------------------------------
+# Ablation.
+
+def teacher_reference(init, eval_images, runs_dir):
+    """Row (b) of the demo table, the 35-NFE Heun teacher on the evaluation's seeds (cached: it costs minutes)."""
+    from d2o_fast.engine.tasks import resolve_init_path
+    from d2o_fast.metrics.demo_report import teacher_demo_metrics
+    path = os.path.join(runs_dir, f'teacher-{eval_images}.json')
+    if not os.path.exists(path):
+        os.makedirs(runs_dir, exist_ok=True)
+        print('== the Heun teacher (18 steps, 35 NFE) on the evaluation seeds', flush=True)
+        with open(path, 'w') as f:
+            json.dump(teacher_demo_metrics(resolve_init_path(init), eval_images), f)
+    with open(path) as f:
+        return json.load(f)
+
+
+def ablation_verdicts(summaries, teacher):
+    """One sentence per claim of the paper, with the numbers that support or contradict it."""
+    by_name = {s['arm']: s for s in summaries}
+    pretrained = [s for s in summaries if s['arm'] in {a.name for a in arm_table.PRETRAINED}]
+    random_init = by_name[arm_table.RANDOM_INIT.name]
+    d2o, d2o_f1 = by_name[arm_table.D2O.name], by_name[arm_table.D2O_F1.name]
+    worst_pre = max(r['end_fid'] for s in pretrained for r in s['runs'])
+    best_random = min(r['end_fid'] for r in random_init['runs'])
+    verdicts = [dict(claim='(i) pre-training matters: every pre-trained run ends below every random-init run',
+                     supported=worst_pre < best_random,
+                     evidence=f'worst pre-trained end demo-FID {worst_pre:.2f} vs best random-init {best_random:.2f}')]
+    for frozen in (d2o_f1, by_name[arm_table.D2O_F3.name]):
+        gap, se = difference(frozen, d2o)
+        verdicts.append(dict(
+            claim=f'(ii) freezing costs little: {frozen["arm"]} within the seed spread of D2O',
+            supported=abs(gap) <= 2 * se,
+            evidence=f'{frozen["arm"]} {frozen["end_fid"]:.2f} ± {frozen["end_fid_sd"]:.2f} vs D2O {d2o["end_fid"]:.2f} ± '
+                     f'{d2o["end_fid_sd"]:.2f} (end demo-FID, mean ± sd): gap {gap:+.2f}, two standard errors '
+                     f'{2 * se:.2f}'))
+    for s in (d2o, d2o_f1):
+        beats_raw = all(r['end_fid'] < r['start_fid'] for r in s['runs'])
+        reaches = s['end_fid'] <= teacher['demo_fid']
+        verdicts.append(dict(
+            claim=f'(iii) {s["arm"]}: the one-step generator beats the raw one step and reaches the 35-step teacher',
+            supported=beats_raw and reaches,
+            evidence=f'end demo-FID {s["end_fid"]:.2f} ± {s["end_fid_sd"]:.2f} (every run below the raw one step '
+                     f'{s["start_fid"]:.2f}: {"yes" if beats_raw else "no"}); teacher {teacher["demo_fid"]:.2f}'))
+    return verdicts
+
+
+def ablation(seeds, outdir, runs_dir, overrides, argv):
+    trained = _train_all(arm_table.ABLATION, seeds, runs_dir, overrides)
+    summaries = [arm_summary(arm, records) for arm, records in trained]
+    teacher = teacher_reference(overrides.get('init', 'demo'), overrides.get('eval_images', 500), runs_dir)
+    verdicts = ablation_verdicts(summaries, teacher)
+    prov = provenance(argv)
+    lines = ['# The paper\'s claims in miniature: D2O, D2O-F and a random-init GAN on the demo', '', *provenance_lines(prov), '',
+             summary_table(summaries), '',
+             f'Teacher (pre-trained + Heun, 18 steps, 35 NFE, bf16) on the same evaluation seeds: demo-FID '
+             f'{teacher["demo_fid"]:.2f}, class accuracy {100 * teacher["demo_accuracy"]:.1f}%. Mean ± sample standard '
+             'deviation over seeds; a run "diverged" when an evaluation was worse than its own start.', '',
+             '## Verdicts', '']
+    lines += [f'- {"supported" if v["supported"] else "NOT supported"}: {v["claim"]}. {v["evidence"]}.' for v in verdicts]
+    lines += ['', '## Runs', '', runs_table(summaries), '', '![demo-FID against images seen](ablation.png)']
+    _mkdir(outdir)
+    plot_study([(a.name, r) for a, r in trained], os.path.join(outdir, 'ablation.png'),
+               'The demo: pre-trained vs random init, mean ± sd over seeds')
+    _write(outdir, 'ablation', dict(provenance=prov, arms=summaries, teacher=teacher, verdicts=verdicts,
+                                    curves={a.name: [r['curve'] for r in recs] for a, recs in trained}), '\n'.join(lines))
+    return summaries, verdicts
+
+#----------------------------------------------------------------------------
+# Learning-rate sweep.
+
+def sweep(lrs, methods, seeds, outdir, runs_dir, overrides, argv):
+    arms = arm_table.sweep_arms(lrs, methods)
+    trained = _train_all(arms, seeds, runs_dir, overrides)
+    summaries = [arm_summary(arm, records) for arm, records in trained]
+    stable = [lr for lr in lrs if all(s['diverged'] == 0 for s in summaries if s['overrides']['lr'] == lr)]
+    prov = provenance(argv)
+    lines = ['# Generator learning rate for D2O and D2O-F on the demo', '', *provenance_lines(prov), '',
+             summary_table(summaries), '',
+             'Everything but the generator learning rate is the demo preset. Mean ± sample standard deviation over '
+             'seeds; a run "diverged" when an evaluation was worse than its own start.', '',
+             f'Learning rates where no run of any method diverged: {", ".join(f"{lr:g}" for lr in stable) or "none"}.',
+             '', '## Runs', '', runs_table(summaries), '', '![demo-FID against images seen](sweep.png)']
+    _mkdir(outdir)
+    plot_study([(a.name, r) for a, r in trained], os.path.join(outdir, 'sweep.png'),
+               'Generator learning rate, mean ± sd over seeds')
+    _write(outdir, 'sweep', dict(provenance=prov, arms=summaries, stable_lrs=stable,
+                                 curves={a.name: [r['curve'] for r in recs] for a, recs in trained}), '\n'.join(lines))
+    return summaries
+
+#----------------------------------------------------------------------------
+# The demo command on several seeds.
+
+def demo_passes(table):
+    raw, _teacher, tuned = table
+    return tuned['fid'] <= DEMO_FID_FRACTION * raw['fid'] and tuned['accuracy'] >= DEMO_MIN_ACCURACY
+
+
+def demo_seeds(seeds, outdir, runs_dir, extra_args, argv):
+    from d2o_fast.experiments.report import mean_sd
+    records = [run_demo_command(seed, runs_dir, extra_args) for seed in seeds]
+    prov = provenance(argv)
+    rows = ['| seed | (a) raw one step | (b) Heun teacher, 35 NFE | (c) fine-tuned one step | class accuracy (c) | bars met '
+            '| wall time |', '|---|---|---|---|---|---|---|']
+    for r in records:
+        a, b, c = r['table']
+        rows.append(f"| {r['seed']} | {a['fid']:.2f} | {b['fid']:.2f} | {c['fid']:.2f} | {100 * c['accuracy']:.1f}% | "
+                    f"{'yes' if demo_passes(r['table']) else 'NO'} | {r['wall_s'] / 60:.1f} min |")
+    fid, fid_sd = mean_sd(r['table'][2]['fid'] for r in records)
+    acc, acc_sd = mean_sd(r['table'][2]['accuracy'] for r in records)
+    wall, wall_sd = mean_sd(r['wall_s'] for r in records)
+    rows.append(f"| mean ± sd | | | {fid:.2f} ± {fid_sd:.2f} | {100 * acc:.1f} ± {100 * acc_sd:.1f}% | "
+                f"{sum(demo_passes(r['table']) for r in records)} / {len(records)} | {wall / 60:.1f} ± {wall_sd / 60:.1f} min |")
+    lines = ['# The demo command on several seeds', '', *provenance_lines(prov), '',
+             f"Each seed runs `{records[0]['command'].replace('--seed ' + str(records[0]['seed']), '--seed S')}` in its own "
+             'process; wall time from start to the printed table. Bars: (c) demo-FID at most half of (a), class accuracy '
+             'at least 90%.', '', *rows]
+    _mkdir(outdir)
+    plot_study([('D2O-F (demo preset, --compile)', records)], os.path.join(outdir, 'demo-seeds.png'),
+               'The demo command, mean ± sd over seeds')
+    _write(outdir, 'demo-seeds', dict(provenance=prov, runs=records), '\n'.join(lines))
+    return records
+
+
+def _mkdir(path):
+    os.makedirs(path, exist_ok=True)
+    return True
