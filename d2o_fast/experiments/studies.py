@@ -41,8 +41,9 @@ def teacher_reference(init, eval_images, runs_dir):
     if not os.path.exists(path):
         os.makedirs(runs_dir, exist_ok=True)
         print('== the Heun teacher (18 steps, 35 NFE) on the evaluation seeds', flush=True)
+        metrics = teacher_demo_metrics(resolve_init_path(init), eval_images)
         with open(path, 'w') as f:
-            json.dump(teacher_demo_metrics(resolve_init_path(init), eval_images), f)
+            json.dump(metrics, f)
     with open(path) as f:
         return json.load(f)
 
