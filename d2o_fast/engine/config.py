@@ -27,7 +27,7 @@ class RunConfig:
     batch: int = 256                        # global batch = batch_gpu x ranks x accumulation rounds
     batch_gpu: Optional[int] = None         # per-device batch; None = batch / ranks
     kimg: float = 5000                      # training duration in thousands of images
-    precision: str = 'auto'                 # the U-Net: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32
+    precision: str = 'auto'                 # the U-Net: auto (bf16 where native: CUDA, AVX512/AMX CPUs; else fp32), bf16, fp16, fp32
     compile: bool = False                   # torch.compile G and D forward (static shapes, fullgraph); R1 stays eager
     channels_last: bool = False             # NHWC memory layout for G and D
     cudagraphs: bool = False                # CUDA only: compile mode='reduce-overhead' (implies --compile)
@@ -185,7 +185,7 @@ PRESETS = {
     # about 16 steps, and the end point would follow the raw generator's oscillation at this learning rate.
     'demo':           dict(init='demo', data='demo', cond=True, freeze=1, disc='stylegan2', disc_channels=64,
                            batch=16, lr=1e-3, dlr=2e-3, ema_mimg=0.01, ema_rampup=0.25, kimg=5, tick_kimg=0.5,
-                           snapshot_ticks=4, checkpoint_ticks=4, eval_demo=True, precision='bf16'),
+                           snapshot_ticks=4, checkpoint_ticks=4, eval_demo=True, precision='auto'),
 }
 
 
@@ -209,5 +209,5 @@ def resolve_config(preset='demo', cls=TrainConfig, presets=None, **overrides):
 PRETRAIN_PRESETS = {
     'demo': dict(data='demo', arch='ddpmpp', model_channels=32, channel_mult=(1, 2, 2), num_blocks=2,
                  attn_resolutions=(16,), dropout=0.1, cond=True, batch=32, lr=1e-3, kimg=24, ema_mimg=0.05,
-                 precision='bf16', tick_kimg=2, snapshot_ticks=5, checkpoint_ticks=1, grid_size=40),
+                 precision='auto', tick_kimg=2, snapshot_ticks=5, checkpoint_ticks=1, grid_size=40),
 }

@@ -1,19 +1,24 @@
 """Optimizer and precision plumbing shared by the trainers."""
 
 import contextlib
+import warnings
 
 import torch
 
 from d2o_fast.engine import distributed as dist
+from d2o_fast.ops import native_bf16
 
 ADAM_EPS = 1e-8
 GRAD_CLAMP = 1e5   # nan_to_num bounds for gradients, as the authors
 
 
 def autocast_dtype(precision, device):
-    """'auto' = bf16 on CUDA, fp32 on CPU; None means no autocast."""
+    """'auto' = bf16 where the device runs it natively (CUDA, AVX512/AMX CPUs), else fp32; None means no autocast."""
     if precision == 'auto':
-        precision = 'bf16' if device.type == 'cuda' else 'fp32'
+        precision = 'bf16' if native_bf16(device.type) else 'fp32'
+    elif precision == 'bf16' and not native_bf16(device.type):
+        warnings.warn(f'bf16 on this {device.type} is emulated and much slower than fp32; --precision auto picks fp32 here',
+                      stacklevel=2)
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[precision]
 
 

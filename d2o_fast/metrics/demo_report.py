@@ -12,6 +12,7 @@ import torch
 from d2o_fast.checkpoint import load_network
 from d2o_fast.metrics.demo_classifier import demo_metrics, demo_reference_stats
 from d2o_fast.nets import edm_sampler
+from d2o_fast.ops import native_bf16
 
 
 def demo_latents(num_images, resolution=32, channels=3, label_dim=10, seed=0):
@@ -31,17 +32,17 @@ def _demo_fid_and_accuracy(images, labels):
     return dict(demo_fid=float(m['fid']), demo_accuracy=m['accuracy'])
 
 
-def compare_demo_generators(init_path, snapshot_path, num_images=500, batch=100, heun_steps=18, heun_bf16=True, known=None):
+def compare_demo_generators(init_path, snapshot_path, num_images=500, batch=100, heun_steps=18, heun_bf16=None, known=None):
     """Rows of {name, nfe, fid, accuracy, num_images} for (a), (b), (c).
 
     known: {'raw': metrics, 'tuned': metrics} (the {'demo_fid', 'demo_accuracy'} of `one_step_demo_metrics`) for
     one-step rows the training run already measured on the same latents: the EMA at 0 kimg is the raw pre-trained
     generator and the last snapshot is the fine-tuned one, so those rows are not generated twice.
-    heun_bf16: the teacher's 35 network evaluations per image run under bf16 autocast (the precision the demo
-    trains the generator in); the ODE state stays float64. This row costs as much as the whole fine-tuning run
-    in fp32 on a 2-core CPU.
+    heun_bf16: whether the teacher's 35 network evaluations per image run under bf16 autocast; None = where the CPU
+    runs bf16 natively, as the demo's generator trains (--precision auto). The ODE state stays float64.
     """
     known = known or {}
+    heun_bf16 = native_bf16('cpu') if heun_bf16 is None else heun_bf16
     one_step = one_step_demo_metrics(num_images, batch)  # the same evaluation the training run makes
 
     rows = []
@@ -56,8 +57,10 @@ def compare_demo_generators(init_path, snapshot_path, num_images=500, batch=100,
     return rows
 
 
-def teacher_demo_metrics(init_path, num_images=500, batch=100, heun_steps=18, bf16=True):
-    """{'demo_fid', 'demo_accuracy'} of the pre-trained denoiser with EDM's Heun sampler, on the evaluation's seeds."""
+def teacher_demo_metrics(init_path, num_images=500, batch=100, heun_steps=18, bf16=None):
+    """{'demo_fid', 'demo_accuracy'} of the pre-trained denoiser with EDM's Heun sampler, on the evaluation's seeds
+    (under bf16 autocast where the CPU runs bf16 natively, unless `bf16` says otherwise)."""
+    bf16 = native_bf16('cpu') if bf16 is None else bf16
     teacher = load_network(init_path).eval()
     z, labels = demo_latents(num_images, teacher.img_resolution, teacher.img_channels, teacher.label_dim)
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):

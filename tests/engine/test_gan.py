@@ -62,3 +62,20 @@ def test_update_ema_averages_trainable_parameters_only():
     torch.testing.assert_close(ema[0].weight, before['0.weight'])          # frozen: untouched
     torch.testing.assert_close(ema[0].bias, 0.25 * net[0].bias + 0.75 * before['0.bias'])
     torch.testing.assert_close(ema[1].running_mean, net[1].running_mean)  # buffers copied
+
+
+@pytest.mark.parametrize('native', [True, False])
+def test_precision_auto_is_bf16_only_where_native(native, monkeypatch):
+    """--precision auto: bf16 on CUDA and on CPUs that run it natively, fp32 on CPUs that would emulate it."""
+    import warnings
+
+    from d2o_fast.engine import optim
+    monkeypatch.setattr(optim, 'native_bf16', lambda device_type: device_type == 'cuda' or native)
+    cpu, cuda = torch.device('cpu'), torch.device('cuda')
+    assert optim.autocast_dtype('auto', cuda) is torch.bfloat16
+    assert optim.autocast_dtype('auto', cpu) is (torch.bfloat16 if native else None)
+    assert optim.autocast_dtype('fp32', cpu) is None and optim.autocast_dtype('fp16', cpu) is torch.float16
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        assert optim.autocast_dtype('bf16', cpu) is torch.bfloat16  # an explicit request is honoured ...
+    assert bool(caught) is not native                              # ... with a warning where it is emulated

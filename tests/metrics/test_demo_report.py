@@ -28,8 +28,8 @@ def test_training_evaluations_are_the_table_rows(tmp_path):
     raw_net = load_network(init, as_class='D2OPrecond')
     measured = dict(raw=evaluate(raw_net), tuned=evaluate(tuned_net))
 
-    computed = compare_demo_generators(init, tuned_path, num_images=N, batch=8, heun_steps=2)
-    reused = compare_demo_generators(init, tuned_path, num_images=N, batch=8, heun_steps=2, known=measured)
+    computed = compare_demo_generators(init, tuned_path, num_images=N, batch=8, heun_steps=2, heun_bf16=True)
+    reused = compare_demo_generators(init, tuned_path, num_images=N, batch=8, heun_steps=2, heun_bf16=True, known=measured)
     for a, b in zip(computed, reused):
         assert a['name'] == b['name'] and a['nfe'] == b['nfe']
         assert abs(a['fid'] - b['fid']) <= 1e-6 * max(1.0, abs(a['fid'])), (a, b)
