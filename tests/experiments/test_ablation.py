@@ -1,48 +1,83 @@
-"""`python -m d2o_fast.experiments ablation`: four methods on the same budget, a table, a JSON and a plot."""
+"""`python -m d2o_fast.experiments`: studies over seeds write a table with mean and sd per arm, verdicts, a plot and
+their provenance. Quality is not asserted here (tiny networks, a few steps): the structure of the report is."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+import torch
 
-from d2o_fast.experiments import METHODS, format_ablation_table
+from d2o_fast.checkpoint import save_snapshot
+from d2o_fast.experiments import arms
+from d2o_fast.experiments.__main__ import main
+from d2o_fast.experiments.report import arm_summary, mean_curve, run_summary
+from d2o_fast.nets import architecture_kwargs, build_network
 
 
-def _point(kimg, fid, acc):
-    return dict(kimg=kimg, demo_fid=fid, demo_accuracy=acc)
+def _record(seed, fids, accs):
+    curve = [dict(kimg=0.5 * i, demo_fid=f, demo_accuracy=a) for i, (f, a) in enumerate(zip(fids, accs))]
+    return dict(seed=seed, curve=curve, wall_s=60.0)
 
 
-def test_table_reports_end_best_and_mean_of_last_three():
-    curve = [_point(0, 40.0, 0.2), _point(1, 10.0, 0.9), _point(2, 30.0, 0.5), _point(3, 20.0, 0.6), _point(4, 25.0, 0.7)]
-    table = format_ablation_table([dict(method='D2O', curve=curve, final=curve[-1])])
-    row = table.splitlines()[2]
-    assert row == '| D2O | 4.0k | 40.00 | 25.00 | 10.00 | 25.00 | 70.0% | 60.0% |'
+def test_run_and_arm_statistics_by_hand():
+    run = run_summary(_record(0, [40.0, 10.0, 30.0, 20.0, 25.0], [0.2, 0.9, 0.5, 0.6, 0.7]))
+    assert (run['start_fid'], run['end_fid'], run['best_fid']) == (40.0, 25.0, 10.0)
+    assert run['last3_fid'] == pytest.approx(25.0) and run['last3_accuracy'] == pytest.approx(0.6)
+    assert not run['diverged']
+    assert run_summary(_record(1, [40.0, 45.0, 10.0], [0.1, 0.1, 0.9]))['diverged']  # once worse than its start
+    summary = arm_summary(arms.D2O_F1, [_record(0, [40.0, 20.0], [0.1, 0.8]), _record(1, [40.0, 30.0], [0.1, 0.9])])
+    assert summary['end_fid'] == pytest.approx(25.0) and summary['end_fid_sd'] == pytest.approx(50 ** 0.5)
+    assert summary['end_accuracy'] == pytest.approx(0.85) and summary['diverged'] == 0
+    assert mean_curve([_record(0, [40.0, 20.0], [0, 0]), _record(1, [40.0, 30.0], [0, 0])])[1] == pytest.approx((0.5, 25.0, 50 ** 0.5))
+
+
+@pytest.fixture(scope='module')
+def tiny_demo_model(tmp_path_factory):
+    """A tiny stand-in for the shipped model: 32x32, 10 classes (the demo data and classifier need both)."""
+    torch.manual_seed(0)
+    net = build_network('EDMPrecond', **architecture_kwargs('ddpmpp', 32, 3, 10, model_channels=8, channel_mult=[1, 2],
+                                                            num_blocks=1, attn_resolutions=[], dropout=0.0))
+    with torch.no_grad():  # EDM zero-inits the output layers: make the stand-in differ from a re-initialised one
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    path = tmp_path_factory.mktemp('init') / 'tiny-digits.safetensors'
+    save_snapshot(net, str(path))
+    return str(path)
+
+
+TINY = ['--kimg', '0.032', '--tick-kimg', '0.016', '--eval-images', '20', '--disc-channels', '16', '--grid-size', '4']
 
 
 @pytest.mark.slow
-def test_ablation_command_runs_all_methods(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run([sys.executable, '-m', 'd2o_fast.experiments', 'ablation', '--kimg', '0.032', '--eval-images', '20',
-                           '--outdir', str(tmp_path / 'out')], capture_output=True, text=True, env=env, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    out = tmp_path / 'out'
-    results = json.load(open(out / 'ablation.json'))
-    assert [r['method'] for r in results] == [name for name, _ in METHODS]
-    for r in results:
-        assert r['curve'][0]['kimg'] == 0 and r['final']['kimg'] == pytest.approx(0.032)
-        assert all(p['demo_fid'] > 0 and 0 <= p['demo_accuracy'] <= 1 for p in r['curve'])
-    # Pre-trained methods start from the same generator; the random-init GAN does not.
-    starts = [r['curve'][0]['demo_fid'] for r in results]
-    assert starts[0] == starts[1] == starts[2] != starts[3]
-    table = open(out / 'ablation.md').read()
-    assert table.startswith('Command: python -m d2o_fast.experiments ablation --kimg 0.032')
-    assert all(name in table for name, _ in METHODS)
+def test_ablation_over_two_seeds_writes_table_verdicts_plot_and_provenance(tmp_path, tiny_demo_model, monkeypatch):
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    out = tmp_path / 'ablation'
+    main(['ablation', '--seeds', '2', '--outdir', str(out), '--init', tiny_demo_model, *TINY])
+    report = json.loads((out / 'ablation.json').read_text())
+    assert [a['arm'] for a in report['arms']] == [a.name for a in arms.ABLATION]
+    for a in report['arms']:
+        assert a['seeds'] == [0, 1] and a['end_fid'] > 0 and a['end_fid_sd'] >= 0
+        assert all(r['end_kimg'] == pytest.approx(0.032) for r in a['runs'])
+    starts = [a['start_fid'] for a in report['arms']]
+    assert starts[0] == starts[1] == starts[2] != starts[3]  # one pre-trained start; the random init differs
+    assert [v['claim'][:4] for v in report['verdicts']] == ['(i) ', '(ii)', '(ii)', '(iii', '(iii']
+    assert all(isinstance(v['supported'], bool) and v['evidence'] for v in report['verdicts'])
+    assert report['provenance']['command'].startswith('python -m d2o_fast.experiments ablation --seeds 2')
+    assert {'commit', 'machine', 'torch', 'threads', 'date'} <= set(report['provenance'])
+    md = (out / 'ablation.md').read_text()
+    assert '± ' in md and '## Verdicts' in md and all(a.name in md for a in arms.ABLATION)
     assert os.path.getsize(out / 'ablation.png') > 10_000
 
+    # Re-running the same command trains nothing again: every run folder is finished and read back.
+    before = {p: os.path.getmtime(p) for p in (out / 'runs').glob('*/study-run.json')}
+    main(['ablation', '--seeds', '2', '--outdir', str(out), '--init', tiny_demo_model, *TINY])
+    assert {p: os.path.getmtime(p) for p in (out / 'runs').glob('*/study-run.json')} == before
 
-def test_bad_budget_is_one_line_error(tmp_path):
-    proc = subprocess.run([sys.executable, '-m', 'd2o_fast.experiments', 'ablation', '--kimg', '0'], capture_output=True,
-                          text=True, cwd=tmp_path, timeout=120)
-    assert proc.returncode != 0 and '--kimg must be positive' in proc.stderr
+
+def test_bad_arguments_are_errors(tmp_path):
+    with pytest.raises(ValueError, match='--kimg must be positive'):
+        main(['ablation', '--kimg', '0', '--outdir', str(tmp_path)])
+    with pytest.raises(ValueError, match='--seeds must be at least 1'):
+        main(['sweep', '--seeds', '0', '--outdir', str(tmp_path)])
+    with pytest.raises(ValueError, match='--methods'):
+        main(['sweep', '--methods', 'd2o,gan', '--outdir', str(tmp_path)])
