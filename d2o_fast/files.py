@@ -24,6 +24,8 @@ def _new_temporary(directory, name):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
+        except OSError as e:  # no such folder, no permission, ...: name the file the caller asked for
+            raise type(e)(e.errno, f'{e.strerror}: cannot create {os.path.join(directory, name)}') from None
         try:
             return tmp, stat.S_IMODE(os.fstat(fd).st_mode)
         finally:

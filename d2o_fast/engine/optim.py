@@ -9,12 +9,18 @@ from d2o_fast.engine import distributed as dist
 ADAM_EPS = 1e-8
 GRAD_CLAMP = 1e5   # nan_to_num bounds for gradients, as the authors
 
+# --precision names: the autocast dtype of each (None: no autocast); 'auto' = bf16 on CUDA, fp32 on CPU.
+AUTOCAST_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}
+PRECISIONS = ('auto', *AUTOCAST_DTYPES)
+# The discriminator's: no fp16, whose loss scaling follows the generator's precision only.
+DISC_PRECISIONS = ('fp32', 'bf16')
+
 
 def autocast_dtype(precision, device):
-    """'auto' = bf16 on CUDA, fp32 on CPU; None means no autocast."""
+    """The autocast dtype of a precision name on `device`; None means no autocast."""
     if precision == 'auto':
         precision = 'bf16' if device.type == 'cuda' else 'fp32'
-    return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[precision]
+    return AUTOCAST_DTYPES[precision]
 
 
 def autocast_context(device, dtype):

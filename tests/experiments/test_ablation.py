@@ -42,7 +42,7 @@ def test_ablation_command_runs_all_methods(tmp_path):
     assert os.path.getsize(out / 'ablation.png') > 10_000
 
 
-def test_bad_budget_is_one_line_error(tmp_path):
+def test_bad_budget_is_a_usage_error(tmp_path):
     proc = subprocess.run([sys.executable, '-m', 'd2o_fast.experiments', 'ablation', '--kimg', '0'], capture_output=True,
                           text=True, cwd=tmp_path, timeout=120)
-    assert proc.returncode != 0 and '--kimg must be positive' in proc.stderr
+    assert proc.returncode == 2 and '--kimg must be positive' in proc.stderr
