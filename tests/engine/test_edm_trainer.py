@@ -9,25 +9,14 @@ from d2o_fast.engine.compile import CheckpointedUNetBlock
 from d2o_fast.engine.config import PRETRAIN_PRESETS, PretrainConfig, resolve_config
 from d2o_fast.engine.edm_trainer import EDMTrainer
 from d2o_fast.errors import ConfigError
-from d2o_fast.nets import architecture_kwargs, build_network
+from tests.engine.conftest import CLASSES, RES, tiny_edm
 
-RES, CLASSES, BATCH = 16, 4, 4
+BATCH = 4
 
 
 def pretrain_config(**overrides):
     values = dict(dict(batch=BATCH, seed=3, precision='fp32', lr=1e-3, lr_rampup_kimg=0), **overrides)
     return resolve_config('demo', cls=PretrainConfig, presets=PRETRAIN_PRESETS, **values)
-
-
-def tiny_denoiser():
-    torch.manual_seed(0)
-    kw = architecture_kwargs('ddpmpp', RES, 3, CLASSES, model_channels=8, channel_mult=[1, 2], num_blocks=1,
-                             attn_resolutions=[8], dropout=0.1)  # dropout: the recomputed forward must replay it
-    net = build_network('EDMPrecond', **kw)
-    with torch.no_grad():  # EDM zero-initialises output layers: make every gradient non-trivial
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return net
 
 
 def two_steps(net, cfg):
@@ -43,7 +32,7 @@ def two_steps(net, cfg):
 
 
 def test_checkpointing_and_channels_last_train_the_same_weights():
-    net = tiny_denoiser()
+    net = tiny_edm().set_dropout(0.1)  # dropout: the recomputed forward must replay it
     plain, plain_losses = two_steps(net, pretrain_config())
     recomputed, recomputed_losses = two_steps(net, pretrain_config(checkpointing=True))
     # Dropout masks are drawn in memory order, so NHWC would drop other elements: compared without dropout.
