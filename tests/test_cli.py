@@ -13,7 +13,7 @@ from d2o_fast.cli import run_main
 from d2o_fast.discriminators import BACKBONES, DISCRIMINATOR_KINDS
 from d2o_fast.discriminators.weights import how_to_provide_weights
 from d2o_fast.engine import optim
-from d2o_fast.engine.config import PRESETS, PRETRAIN_PRESETS, PretrainConfig, TrainConfig
+from d2o_fast.engine.config import PRESETS, PretrainConfig, TrainConfig
 from d2o_fast.nets import ARCHITECTURES
 from d2o_fast.nets.freeze import FREEZE_KEYS
 
