@@ -82,10 +82,10 @@ def add_config_flags(parser, cls, shown, preset, skip=()):
     under `preset`, and the allowed values of every choice field.
     """
     from d2o_fast.engine.config import FLAG_GROUPS, flag_name
-    groups = {name: parser.add_argument_group(name, about) for name, about in FLAG_GROUPS.items()}
-    for field in dataclasses.fields(cls):
-        if field.name in skip:
-            continue
+    fields = [f for f in dataclasses.fields(cls) if f.name not in skip]
+    used = {f.metadata['group'] for f in fields}
+    groups = {name: parser.add_argument_group(name, about) for name, about in FLAG_GROUPS.items() if name in used}
+    for field in fields:
         meta, kind = field.metadata, _field_type(cls, field)
         name = meta['group']
         choices = meta.get('choices')
@@ -101,8 +101,12 @@ def add_config_flags(parser, cls, shown, preset, skip=()):
                 help += f'; names from {{{",".join(map(str, choices))}}}'
             groups[name].add_argument(flag, type=_tuple_parser(item, choices), default=None, metavar=metavar, help=help)
         else:
+            bare = meta.get('bare')
+            if bare is not None:
+                help += f'; bare {flag}: {format_value(bare)}'
             groups[name].add_argument(flag, type=kind, choices=choices, default=None, help=help,
-                                      metavar=None if choices else field.name.upper())
+                                      metavar=None if choices else field.name.upper(),
+                                      **(dict(nargs='?', const=bare) if bare is not None else {}))
 
 
 def overrides_from_args(args, cls, skip=()):

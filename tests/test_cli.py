@@ -1,6 +1,7 @@
 """What every entry point shares (d2o_fast/cli.py): --help that shows the chosen preset's values and every choice
 flag's allowed values from the registries, and errors: a user's printed whole without a traceback, a bug's with one."""
 
+import argparse
 import dataclasses
 import os
 import subprocess
@@ -9,11 +10,11 @@ import sys
 import pytest
 
 from d2o_fast import assets, data, dataset_tool, import_checkpoint, ops, pretrain, train
-from d2o_fast.cli import run_main
+from d2o_fast.cli import add_config_flags, run_main
 from d2o_fast.discriminators import BACKBONES, DISCRIMINATOR_KINDS
 from d2o_fast.discriminators.weights import how_to_provide_weights
 from d2o_fast.engine import optim
-from d2o_fast.engine.config import PRESETS, PretrainConfig, TrainConfig
+from d2o_fast.engine.config import PRESETS, PretrainConfig, TrainConfig, option, preset_values
 from d2o_fast.nets import ARCHITECTURES
 from d2o_fast.nets.freeze import FREEZE_KEYS
 
@@ -69,17 +70,31 @@ def test_train_help_lists_registries_and_the_presets_values(capsys, monkeypatch)
 
 
 def test_help_groups_every_flag():
-    import argparse
     for cls in (TrainConfig, PretrainConfig):
         groups = {f.name: f.metadata['group'] for f in dataclasses.fields(cls)}
         assert set(groups.values()) <= {'data', 'model', 'optimisation', 'speed', 'run folder'}
     parser = argparse.ArgumentParser()
-    from d2o_fast.cli import add_config_flags
-    from d2o_fast.engine.config import preset_values
     add_config_flags(parser, TrainConfig, preset_values('demo'), 'demo', skip=('preset',))
     titled = {group.title: [a.dest for a in group._group_actions] for group in parser._action_groups}
     assert 'batch' in titled['optimisation'] and 'compile' in titled['speed'] and 'data' in titled['data']
     assert 'freeze' in titled['model'] and 'outdir' in titled['run folder']
+
+
+def test_a_choice_flag_given_bare_takes_its_bare_value(capsys):
+    @dataclasses.dataclass
+    class Modes:
+        mode: str = option('off', 'speed', 'how to run', choices=('off', 'some', 'all'), bare='all')
+
+    parser = argparse.ArgumentParser(prog='modes')
+    add_config_flags(parser, Modes, dict(mode='some'), 'preset-x')
+    assert parser.parse_args(['--mode']).mode == 'all' and parser.parse_args(['--mode', 'some']).mode == 'some'
+    assert parser.parse_args([]).mode is None  # not given: the preset's value applies
+    parser.print_help()
+    out = ' '.join(capsys.readouterr().out.split())
+    assert 'speed: how it runs (results differ at most by rounding) --mode [{off,some,all}] how to run [preset-x: some]; ' \
+           'bare --mode: all' in out and 'run folder' not in out  # groups without flags are left out
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--mode', 'most'])
 
 
 def test_choice_fields_hold_the_registries_themselves():

@@ -39,11 +39,12 @@ FLAG_GROUPS = {
 }
 
 
-def option(default, group, help, choices=None):
+def option(default, group, help, choices=None, bare=None):
     """A config field with its --help line and group; `choices`: the registry of allowed values (a tuple field's
-    items each come from it; None stays allowed where it is the default)."""
+    items each come from it; None stays allowed where it is the default); `bare`: the value of the flag given
+    without one."""
     assert group in FLAG_GROUPS, group
-    return dataclasses.field(default=default, metadata=dict(group=group, help=help, choices=choices))
+    return dataclasses.field(default=default, metadata=dict(group=group, help=help, choices=choices, bare=bare))
 
 
 @dataclasses.dataclass
