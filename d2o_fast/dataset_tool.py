@@ -5,13 +5,12 @@
 
 SRC: a folder of PNG/JPEG images (labels from its dataset.json, if any), an EDM dataset .zip,
 or a uint8 .npy / .npz array. --resolution center-crops and Lanczos-resizes every image to R x R.
-Bad input prints one line to stderr and exits with status 1.
 """
 
 import argparse
-import sys
 
-from d2o_fast.data import DatasetError, LoaderError, open_dataset
+from d2o_fast.cli import run_main
+from d2o_fast.data import open_dataset
 from d2o_fast.data.convert import write_edm_zip
 
 
@@ -35,7 +34,7 @@ def info(args):
         print(f'{"verified":12s} all {len(dataset)} images decode')
 
 
-def main(argv=None):
+def main(argv):
     parser = argparse.ArgumentParser(prog='python -m d2o_fast.dataset_tool', description=__doc__.split('\n')[0])
     commands = parser.add_subparsers(dest='command', required=True)
     p = commands.add_parser('convert', help='write an EDM dataset ZIP')
@@ -49,13 +48,8 @@ def main(argv=None):
     p.add_argument('--verify', action='store_true', help='also decode every image')
     p.set_defaults(run=info)
     args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except (DatasetError, LoaderError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
-    return 0
+    args.run(args)
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    run_main(main)

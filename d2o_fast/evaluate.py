@@ -17,10 +17,10 @@ With fewer than 50,000 images the result is printed as "proxy FID (N images)".
 """
 
 import argparse
-import sys
 
 import torch
 
+from d2o_fast.cli import run_main
 from d2o_fast.engine.distributed import init_distributed
 from d2o_fast.metrics import (FULL_FID_IMAGES, MetricsError, fid_from_stats, generator_stats, image_stats,
                               load_detector, load_stats, parse_seeds, save_stats)
@@ -134,16 +134,14 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def main(argv):
+    parser = build_parser()
+    args = parser.parse_args(argv)
     for name in ('num', 'batch'):
         if getattr(args, name, 1) < 1:
-            raise SystemExit(f'{build_parser().prog}: error: --{name} must be at least 1')
-    try:
-        args.run(args)
-    except (MetricsError, ValueError, OSError) as e:  # our error types are ValueErrors with one-line messages
-        raise SystemExit(f'{build_parser().prog}: error: {e}') from None
+            parser.error(f'--{name} must be at least 1')
+    args.run(args)
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    run_main(main)

@@ -5,9 +5,9 @@
 
 import argparse
 import os
-import sys
 
-from d2o_fast.checkpoint import CheckpointError, file_sha256, load_network, save_snapshot
+from d2o_fast.checkpoint import file_sha256, load_network, save_snapshot
+from d2o_fast.cli import run_main
 from d2o_fast.nets import ARCHITECTURES, PRECOND_CLASSES
 
 # The kwargs that tell EDM's architecture presets apart.
@@ -22,27 +22,17 @@ def architecture_name(init_kwargs):
     return ', '.join(f'{k}={init_kwargs[k]}' for k in _PRESET_KEYS if k in init_kwargs)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 1, like every other failure
-        print(f'{self.prog}: error: {message}', file=sys.stderr)
-        sys.exit(1)
-
-
-def main(argv=None):
-    parser = _Parser(prog='python -m d2o_fast.import_checkpoint', description=__doc__.strip().splitlines()[0])
+def main(argv):
+    parser = argparse.ArgumentParser(prog='python -m d2o_fast.import_checkpoint', description=__doc__.strip().splitlines()[0])
     parser.add_argument('input', help='EDM / D2O network pickle (.pkl) or d2o_fast snapshot')
     parser.add_argument('output', help='snapshot to write (.safetensors)')
     parser.add_argument('--as', dest='as_class', choices=sorted(PRECOND_CLASSES), default=None,
                         help='network class to convert to (default: the class in the pickle)')
     args = parser.parse_args(argv)
-    try:
-        net = load_network(args.input, as_class=args.as_class)
-        info = net.checkpoint_info
-        save_snapshot(net, args.output, metadata=dict(source=os.path.basename(info.path), source_sha256=info.sha256))
-        out_sha256 = file_sha256(args.output)
-    except (CheckpointError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
+    net = load_network(args.input, as_class=args.as_class)
+    info = net.checkpoint_info
+    save_snapshot(net, args.output, metadata=dict(source=os.path.basename(info.path), source_sha256=info.sha256))
+    out_sha256 = file_sha256(args.output)
     kw = info.init_kwargs
     print(f'converted {args.input} -> {args.output}')
     entry = f', entry {info.key!r}' if info.key else ''
@@ -52,8 +42,7 @@ def main(argv=None):
     print(f'  params  {sum(p.numel() for p in net.parameters()):,}')
     print(f'  sha256  {info.sha256}  {args.input}')
     print(f'          {out_sha256}  {args.output}')
-    return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    run_main(main)

@@ -3,7 +3,8 @@
     python -m d2o_fast.pretrain                   # the demo digits model that ships in d2o_fast/assets
     python -m d2o_fast.pretrain --data my.zip --arch ncsnpp --model-channels 128 --channel-mult 2,2,2 --kimg 200000
 
-Same run folders, resume, DDP (torchrun) and logging as d2o_fast.train; --dry-run prints the config.
+Same run folders, resume, DDP (torchrun) and logging as d2o_fast.train; --help lists the flags with their values
+under --preset, --dry-run prints the resolved config.
 """
 
 from d2o_fast.cli import parse_config, run_main

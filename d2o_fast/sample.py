@@ -17,6 +17,7 @@ from d2o_fast.checkpoint import load_network
 from d2o_fast.cli import run_main
 from d2o_fast.engine import distributed as dist
 from d2o_fast.engine.progress import save_image_grid
+from d2o_fast.errors import ConfigError
 from d2o_fast.metrics.fid import images_to_uint8, parse_seeds, seed_latents
 from d2o_fast.nets import edm_sampler
 
@@ -51,7 +52,7 @@ def main(argv):
     net = load_network(args.ckpt).to(device).eval()
     seeds = parse_seeds(args.seeds)
     if args.class_idx is not None and not 0 <= args.class_idx < max(net.label_dim, 1):
-        raise ValueError(f'--class {args.class_idx} is out of range for a net with {net.label_dim} classes')
+        raise ConfigError(f'--class {args.class_idx} is out of range for a net with {net.label_dim} classes')
     if args.outdir:
         os.makedirs(args.outdir, exist_ok=True)
     mine = seeds[rank::world]

@@ -5,7 +5,8 @@
     python -m d2o_fast.train --preset cifar10-cond --init edm-cifar10-32x32-cond-ve.pkl --data cifar10-32x32.zip --freeze 1
     torchrun --nproc_per_node 8 -m d2o_fast.train --preset imagenet-64 ...
 
-Every config field is a flag; --dry-run prints the resolved config and exits.
+Every config field is a flag; --help lists them with their values under --preset, --dry-run prints the resolved
+config and exits.
 """
 
 from d2o_fast.cli import parse_config, run_main

@@ -1,7 +1,9 @@
-"""Errors of the checkpoint layer: one type to catch, one line to print."""
+"""Errors of the checkpoint layer: one type to catch, a message that says what is wrong."""
+
+from d2o_fast.errors import D2OFastError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(D2OFastError, ValueError):
     """A checkpoint could not be read, written or matched to a network; the message says why."""
 
 

@@ -13,11 +13,11 @@ import dataclasses
 import os
 
 from d2o_fast.checkpoint.errors import CheckpointError
-from d2o_fast.checkpoint.files import file_sha256
 from d2o_fast.checkpoint.safe_pickle import ModuleRecord, safe_load
 from d2o_fast.checkpoint.snapshot import is_snapshot_file, normalized_kwargs, read_snapshot
 from d2o_fast.checkpoint.transfer import (assign_tensors, build_meta_network, check_target_class, network_from_record,
                                           overlay_tensors)
+from d2o_fast.files import file_sha256
 from d2o_fast.nets import PRECOND_CLASSES
 
 NETWORK_KEYS = ('ema', 'net')  # EDM saves 'ema'; D2O saves 'net' and 'ema' (generate.py reads 'ema')

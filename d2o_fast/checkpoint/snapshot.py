@@ -20,8 +20,8 @@ import safetensors.torch
 import torch
 
 from d2o_fast.checkpoint.errors import CheckpointError
-from d2o_fast.checkpoint.files import atomic_path, file_sha256
 from d2o_fast.checkpoint.transfer import to_plain
+from d2o_fast.files import atomic_path, file_sha256
 from d2o_fast.nets import PRECOND_CLASSES
 
 FORMAT_NAME = 'd2o_fast.snapshot'

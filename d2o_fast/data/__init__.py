@@ -1,6 +1,6 @@
 """Data layer: datasets (EDM zip, image folder, uint8 array), the sample order, and loader backends.
 
-Imports nothing else of d2o_fast. The training engine uses:
+Imports nothing else of d2o_fast but the bottom modules (errors.py, files.py). The training engine uses:
 
     dataset = open_dataset(path)
     check_compatible(dataset, img_resolution, img_channels, label_dim)

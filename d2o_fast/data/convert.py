@@ -2,18 +2,18 @@
 
 Member names follow EDM's dataset_tool ('00000/img00000000.png'), so the result is readable
 by EDM's own training code as well as by ImageFileDataset, and byte-for-byte deterministic.
-The ZIP is written to a temporary file next to the destination and renamed into place, so a
-crash never leaves a partial dataset.
+The ZIP is written atomically (d2o_fast/files.py atomic_path), so a crash never leaves a partial
+dataset.
 """
 
 import json
 import os
-import tempfile
 import zipfile
 
 from d2o_fast.data.datasets import LABELS_FILE
 from d2o_fast.data.errors import DatasetError
 from d2o_fast.data.image_files import encode_png
+from d2o_fast.files import atomic_path
 
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)     # fixed member timestamps: the same input gives the same bytes
 
@@ -35,13 +35,8 @@ def write_edm_zip(dataset, dest, max_images=None, progress=None):
     if not os.path.isdir(folder):
         raise DatasetError(f'{dest}: the destination folder {folder} does not exist')
     try:
-        fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(dest) + '.', suffix='.tmp', dir=folder)
-        os.close(fd)
-    except OSError as e:
-        raise DatasetError(f'{dest}: cannot write ({e})') from None
-    try:
-        labels = []
-        with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED) as zf:
+        with atomic_path(dest) as tmp, zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED) as zf:
+            labels = []
             for i in range(count):
                 name = edm_member_name(i)
                 zf.writestr(zipfile.ZipInfo(name, ZIP_DATE_TIME), encode_png(dataset.image(i).transpose(1, 2, 0)))
@@ -50,11 +45,6 @@ def write_edm_zip(dataset, dest, max_images=None, progress=None):
                     progress(i + 1, count)
             meta = {'labels': labels if dataset.labels is not None else None}
             zf.writestr(zipfile.ZipInfo(LABELS_FILE, ZIP_DATE_TIME), json.dumps(meta))
-        os.replace(tmp, dest)
     except OSError as e:                    # disk full, destination is a folder, ...
-        os.unlink(tmp)
         raise DatasetError(f'{dest}: cannot write ({e})') from None
-    except BaseException:
-        os.unlink(tmp)
-        raise
     return count

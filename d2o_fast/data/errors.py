@@ -1,9 +1,11 @@
-"""Exception types of the data layer: every bad input surfaces as one of these, with a one-line message."""
+"""Exception types of the data layer: every bad input surfaces as one of these, with a message naming the problem."""
+
+from d2o_fast.errors import D2OFastError
 
 
-class DatasetError(ValueError):
+class DatasetError(D2OFastError, ValueError):
     """A dataset file or folder is missing, corrupt, or not usable by the network (message names the problem)."""
 
 
-class LoaderError(ValueError):
+class LoaderError(D2OFastError, ValueError):
     """A loader was configured inconsistently, or given a state saved for a different stream."""

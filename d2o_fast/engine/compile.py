@@ -16,10 +16,11 @@ step, at the cost of one launch per phase for the optimizer.
 import torch
 import torch.utils.checkpoint
 
+from d2o_fast.errors import D2OFastError
 from d2o_fast.nets.layers import UNetBlock
 
 
-class SpeedOptionError(ValueError):
+class SpeedOptionError(D2OFastError, ValueError):
     """A speed option that cannot run on this device or with this configuration."""
 
 

@@ -10,6 +10,14 @@ import hashlib
 import json
 from typing import Optional
 
+from d2o_fast.data import BACKENDS as DATA_BACKENDS
+from d2o_fast.discriminators import BACKBONES, DISCRIMINATOR_KINDS
+from d2o_fast.engine.optim import DISC_PRECISIONS, PRECISIONS
+from d2o_fast.errors import ConfigError
+from d2o_fast.nets import ARCHITECTURES
+from d2o_fast.nets.freeze import FREEZE_KEYS
+from d2o_fast.ops import BACKENDS as KERNEL_BACKENDS
+
 # The authors' GAN loss is summed over the images of one GPU (their discriminator returns one logit row per
 # image and the loss sums the per-row means), while R1 is averaged over images. This project averages both
 # over the batch so that results do not depend on the number of GPUs; their gamma = 1e-4 at 64 images per GPU
@@ -18,34 +26,58 @@ AUTHORS_R1_GAMMA = 1e-4
 AUTHORS_IMAGES_PER_GPU = 64
 
 
+#----------------------------------------------------------------------------
+# Fields: each declares its default, its help line, its --help group and (for choices) the registry it takes its
+# allowed values from. d2o_fast/cli.py builds the flags from these; validate() checks against the same registries.
+
+FLAG_GROUPS = {
+    'data': 'the training images',
+    'model': 'the networks: where the generator comes from, what is frozen, the discriminator',
+    'optimisation': 'what is computed: batch, duration, learning rates, regularisation, EMA, seed',
+    'speed': 'how it runs (results differ at most by rounding)',
+    'run folder': 'where results go and how often: progress, snapshots, training states, evaluation',
+}
+
+
+def option(default, group, help, choices=None, bare=None):
+    """A config field with its --help line and group; `choices`: the registry of allowed values (a tuple field's
+    items each come from it; None stays allowed where it is the default); `bare`: the value of the flag given
+    without one."""
+    assert group in FLAG_GROUPS, group
+    return dataclasses.field(default=default, metadata=dict(group=group, help=help, choices=choices, bare=bare))
+
+
 @dataclasses.dataclass
 class RunConfig:
     """What every training loop shares: data, batch, duration, run folder, progress and checkpoints."""
-    preset: str = 'demo'
-    data: str = 'demo'                      # dataset zip, image folder, .npy/.npz, or 'demo'
-    xflip: bool = False
-    batch: int = 256                        # global batch = batch_gpu x ranks x accumulation rounds
-    batch_gpu: Optional[int] = None         # per-device batch; None = batch / ranks
-    kimg: float = 5000                      # training duration in thousands of images
-    precision: str = 'auto'                 # the U-Net: auto (bf16 where native: CUDA, AVX512/AMX CPUs; else fp32), bf16, fp16, fp32
-    compile: bool = False                   # torch.compile G and D forward (static shapes, fullgraph); R1 stays eager
-    channels_last: bool = False             # NHWC memory layout for G and D
-    cudagraphs: bool = False                # CUDA only: compile mode='reduce-overhead' (implies --compile)
-    checkpointing: bool = False             # recompute U-Net block activations in backward (less memory, more compute)
-    kernels: str = 'auto'                   # fused GroupNorm backend: auto, triton, cuda, cpu, torch
-    data_backend: str = 'auto'              # auto, native, dali
-    workers: int = 2
-    outdir: str = 'training-runs'
-    run_dir: Optional[str] = None           # explicit run folder (otherwise outdir/NNNNN-preset-...)
-    resume: str = 'auto'                    # auto, none, or a training-state path
-    seed: int = 0
-    tick_kimg: float = 50
-    snapshot_ticks: int = 10                # snapshot + image grid every N ticks
-    checkpoint_ticks: int = 10              # full training state every N ticks
-    keep_checkpoints: int = 3
-    nan_patience: int = 20                  # stop after this many consecutive non-finite steps
-    grid_size: int = 64                     # images in the progress grid
-    profile: bool = False
+    preset: str = option('demo', 'run folder', 'preset the other fields start from')
+    data: str = option('demo', 'data', "dataset zip, image folder, .npy/.npz, or 'demo'")
+    xflip: bool = option(False, 'data', 'random horizontal flips')
+    workers: int = option(2, 'data', 'data loader threads')
+    data_backend: str = option('auto', 'data', 'loader: auto = DALI on CUDA when it can read the data, else native',
+                               choices=DATA_BACKENDS)
+    batch: int = option(256, 'optimisation', 'global batch = batch-gpu x processes x accumulation rounds')
+    batch_gpu: Optional[int] = option(None, 'optimisation', 'per-device batch (unset: batch / processes)')
+    kimg: float = option(5000, 'optimisation', 'training duration in thousands of images')
+    seed: int = option(0, 'optimisation', 'seed of weights, data order and noise')
+    nan_patience: int = option(20, 'optimisation', 'stop after this many consecutive steps with non-finite losses')
+    precision: str = option('auto', 'speed', 'autocast of the U-Net: auto = bf16 where the device runs it natively (CUDA, AVX512/AMX CPUs), else fp32',
+                            choices=PRECISIONS)
+    compile: bool = option(False, 'speed', 'torch.compile G and D forward (static shapes, fullgraph); R1 stays eager')
+    channels_last: bool = option(False, 'speed', 'NHWC memory layout for the trained networks')
+    cudagraphs: bool = option(False, 'speed', "CUDA only: compile mode='reduce-overhead' (implies --compile)")
+    checkpointing: bool = option(False, 'speed', 'recompute U-Net block activations in backward (less memory)')
+    kernels: str = option('auto', 'speed', 'fused GroupNorm backend: auto = the fastest that runs on the device',
+                          choices=KERNEL_BACKENDS)
+    outdir: str = option('training-runs', 'run folder', 'parent of the numbered run folders')
+    run_dir: Optional[str] = option(None, 'run folder', 'explicit run folder (unset: outdir/NNNNN-preset-...)')
+    resume: str = option('auto', 'run folder', "auto (this config's latest state), none, or a training-state path")
+    tick_kimg: float = option(50, 'run folder', 'thousands of images per status line')
+    snapshot_ticks: int = option(10, 'run folder', 'snapshot + image grid every N ticks')
+    checkpoint_ticks: int = option(10, 'run folder', 'full training state every N ticks')
+    keep_checkpoints: int = option(3, 'run folder', 'training states kept')
+    grid_size: int = option(64, 'run folder', 'images in the progress grid')
+    profile: bool = option(False, 'run folder', 'torch.profiler trace of a few steps into the run folder')
 
     # Fields that say where and how a run is executed, not what it computes.
     EXECUTION_FIELDS = ('outdir', 'run_dir', 'resume', 'workers', 'profile', 'tick_kimg', 'snapshot_ticks',
@@ -56,10 +88,10 @@ class RunConfig:
     def resolved_batch_gpu(self, world_size):
         per_rank = self.batch // world_size
         if self.batch % world_size:
-            raise ValueError(f'--batch {self.batch} is not divisible by the number of processes ({world_size})')
+            raise ConfigError(f'--batch {self.batch} is not divisible by the number of processes ({world_size})')
         batch_gpu = self.batch_gpu or per_rank
         if per_rank % batch_gpu:
-            raise ValueError(f'--batch {self.batch} / {world_size} processes = {per_rank} is not a multiple of --batch-gpu {batch_gpu}')
+            raise ConfigError(f'--batch {self.batch} / {world_size} processes = {per_rank} is not a multiple of --batch-gpu {batch_gpu}')
         return batch_gpu, per_rank // batch_gpu
 
     def to_json(self):
@@ -71,91 +103,108 @@ class RunConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self):
-        checks = [
-            (self.precision in ('auto', 'bf16', 'fp16', 'fp32'), f'--precision must be auto, bf16, fp16 or fp32, got {self.precision!r}'),
+        """Raise ConfigError for a value outside its field's registry or a failed check of `checks()`."""
+        for field in dataclasses.fields(self):
+            choices = field.metadata.get('choices')
+            value = getattr(self, field.name)
+            if choices is None or (value is None and field.default is None):
+                continue
+            for item in value if isinstance(value, tuple) else (value,):
+                if item not in choices:
+                    each = 'each name in ' if isinstance(value, tuple) else ''
+                    raise ConfigError(f'{each}{flag_name(field.name)} must be {describe_choices(choices)}, got {item!r}')
+        for ok, message in self.checks():
+            if not ok:
+                raise ConfigError(message)
+
+    def checks(self):
+        """(condition, message) pairs beyond the registries."""
+        return [
             (self.batch > 0 and (self.batch_gpu is None or self.batch_gpu > 0), '--batch and --batch-gpu must be positive'),
             (self.kimg > 0, '--kimg must be positive'),
-            (self.kernels in ('auto', 'triton', 'cuda', 'cpu', 'torch'), f'--kernels must be auto, triton, cuda, cpu or torch, got {self.kernels!r}'),
-            (self.data_backend in ('auto', 'native', 'dali'), f'--data-backend must be auto, native or dali, got {self.data_backend!r}'),
             (self.tick_kimg > 0 and self.snapshot_ticks >= 1 and self.checkpoint_ticks >= 1, 'tick and snapshot intervals must be positive'),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+
+
+def flag_name(field_name):
+    return '--' + field_name.replace('_', '-')
+
+
+def describe_choices(choices):
+    names = [str(c) for c in choices]
+    return names[0] if len(names) == 1 else f'{", ".join(names[:-1])} or {names[-1]}'
 
 
 @dataclasses.dataclass
 class TrainConfig(RunConfig):
     """D2O / D2O-F fine-tuning of a pretrained EDM U-Net into a one-step generator."""
-    init: str = 'demo'                      # EDM .pkl, D2O .pkl, project snapshot, 'random', or 'demo'
-    arch: Optional[str] = None              # architecture for --init random: ddpmpp, ncsnpp, adm
-    reinit: bool = False                    # keep --init's architecture, re-initialise its weights (no pre-training)
-    cond: Optional[bool] = None             # None: follow the network's label_dim
-    freeze: int = 1                         # D2O-F freeze level 0-3 (0 = D2O)
+    init: str = option('demo', 'model', "EDM .pkl, D2O .pkl, project snapshot, 'random', or 'demo'")
+    arch: Optional[str] = option(None, 'model', 'architecture for --init random', choices=tuple(ARCHITECTURES))
+    reinit: bool = option(False, 'model', "keep --init's architecture, re-initialise its weights (no pre-training)")
+    cond: Optional[bool] = option(None, 'model', "class-conditional (unset: follow the network's label_dim)")
+    freeze: int = option(1, 'model', 'D2O-F freeze level (0 = D2O: train every weight)', choices=tuple(FREEZE_KEYS))
 
     # Discriminator.
-    disc: str = 'stylegan2'                 # 'projected' (the paper's) or 'stylegan2' (needs no weights)
-    disc_backbones: tuple = ('vgg16_bn', 'tf_efficientnet_lite0')
-    disc_weights: Optional[str] = None      # folder with timm-format backbone weights (offline clusters)
-    disc_channels: int = 64                 # stylegan2: channel width (max)
-    disc_precision: str = 'fp32'            # fp32 (the authors'), bf16
-    disc_pair_forward: bool = True          # D step: fakes and reals in one discriminator pass (same result)
-    # With --compile: also compile the D step's no-grad generator forward. None = on CUDA only: on this 2-core CPU
-    # it saved 0.014 s of a 0.69 s demo step (eager 0.138 s, compiled 0.124 s) but its own graph added 59 s of
-    # cold-cache compile to the demo's 208 s (probe in the issue 4 note).
-    compile_fakes: Optional[bool] = None
+    disc: str = option('stylegan2', 'model', "'projected' (the paper's) or 'stylegan2' (needs no weights)",
+                       choices=DISCRIMINATOR_KINDS)
+    disc_backbones: tuple = option(('vgg16_bn', 'tf_efficientnet_lite0'), 'model', 'projected: feature networks',
+                                   choices=tuple(BACKBONES))
+    disc_weights: Optional[str] = option(None, 'model', 'projected: folder of timm-format backbone weights (offline)')
+    disc_channels: int = option(64, 'model', 'stylegan2: channel width (max)')
+    disc_precision: str = option('fp32', 'speed', "autocast of the discriminator (fp32 is the authors')",
+                                 choices=DISC_PRECISIONS)
+    disc_pair_forward: bool = option(True, 'speed', 'D step: fakes and reals in one discriminator pass (same result)')
+    # On a CPU the compiled no-grad forward saves ~2% of the demo step but adds its own graph's compile time.
+    compile_fakes: Optional[bool] = option(None, 'speed', "with --compile, also compile the D step's generator "
+                                           'forward (unset: on CUDA only)')
 
     # Optimisation (Adam betas (0, 0.99), eps 1e-8 for both networks).
-    lr: float = 1e-4
-    dlr: float = 1e-4
-    r1_gamma: float = AUTHORS_R1_GAMMA / AUTHORS_IMAGES_PER_GPU
-    r1_interval: int = 16
-    ema_mimg: float = 0.5                   # EMA half-life in millions of images ...
-    ema_rampup: float = 0.05                # ... capped at this fraction of the images seen
-    eval_demo: bool = False                 # demo: evaluate before/after and print the table
-    eval_images: int = 500                  # samples per generator in that table
+    lr: float = option(1e-4, 'optimisation', 'generator learning rate')
+    dlr: float = option(1e-4, 'optimisation', 'discriminator learning rate')
+    r1_gamma: float = option(AUTHORS_R1_GAMMA / AUTHORS_IMAGES_PER_GPU, 'optimisation', 'R1 weight (batch mean)')
+    r1_interval: int = option(16, 'optimisation', 'lazy R1: one R1 step every N steps')
+    ema_mimg: float = option(0.5, 'optimisation', 'EMA half-life in millions of images ...')
+    ema_rampup: float = option(0.05, 'optimisation', '... capped at this fraction of the images seen')
+    eval_demo: bool = option(False, 'run folder', 'demo: evaluate before/after and print the table')
+    eval_images: int = option(500, 'run folder', 'samples per generator in that table')
 
-    def validate(self):
-        super().validate()
-        checks = [
-            (self.freeze in (0, 1, 2, 3), f'--freeze must be 0-3, got {self.freeze}'),
-            (self.disc in ('projected', 'stylegan2'), f'--disc must be projected or stylegan2, got {self.disc!r}'),
-            (self.disc_precision in ('bf16', 'fp32'), f'--disc-precision must be bf16 or fp32, got {self.disc_precision!r}'),
+    def checks(self):
+        return super().checks() + [
             (self.lr > 0 and self.dlr > 0, '--lr and --dlr must be positive'),
             (self.r1_interval >= 1 and self.r1_gamma >= 0, '--r1-interval must be >= 1 and --r1-gamma >= 0'),
-            (self.init != 'random' or self.arch in ('ddpmpp', 'ncsnpp', 'adm'), '--init random needs --arch ddpmpp, ncsnpp or adm'),
+            (self.init != 'random' or self.arch is not None,
+             f'--init random needs --arch {describe_choices(tuple(ARCHITECTURES))}'),
             (not (self.reinit and self.freeze), '--reinit trains from random weights: freezing them (--freeze > 0) makes no sense'),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
 
 @dataclasses.dataclass
 class PretrainConfig(RunConfig):
     """EDM diffusion pre-training (the generative pre-training D2O starts from)."""
-    arch: str = 'ddpmpp'                    # ddpmpp, ncsnpp, adm
-    model_channels: int = 32
-    channel_mult: tuple = (1, 2, 2)
-    num_blocks: int = 2
-    attn_resolutions: tuple = (16,)
-    dropout: float = 0.1
-    cond: bool = True
-    lr: float = 1e-3
-    lr_rampup_kimg: float = 10
-    ema_mimg: float = 0.05
-    ema_rampup: float = 0.05
-    p_mean: float = -1.2                    # EDM's log-normal noise level distribution
-    p_std: float = 1.2
-    sigma_data: float = 0.5
-    grid_steps: int = 18                    # Heun steps for the progress grid
+    arch: str = option('ddpmpp', 'model', 'U-Net architecture', choices=tuple(ARCHITECTURES))
+    model_channels: int = option(32, 'model', 'channels at the highest resolution')
+    channel_mult: tuple = option((1, 2, 2), 'model', 'channel multiplier per resolution')
+    num_blocks: int = option(2, 'model', 'residual blocks per resolution')
+    attn_resolutions: tuple = option((16,), 'model', 'resolutions with self-attention')
+    dropout: float = option(0.1, 'model', 'dropout probability')
+    cond: bool = option(True, 'model', 'class-conditional (needs a labelled dataset)')
+    lr: float = option(1e-3, 'optimisation', 'learning rate')
+    lr_rampup_kimg: float = option(10, 'optimisation', 'linear learning-rate warm-up, thousands of images')
+    ema_mimg: float = option(0.05, 'optimisation', 'EMA half-life in millions of images ...')
+    ema_rampup: float = option(0.05, 'optimisation', '... capped at this fraction of the images seen')
+    p_mean: float = option(-1.2, 'optimisation', "mean of EDM's log-normal noise levels")
+    p_std: float = option(1.2, 'optimisation', "standard deviation of EDM's log-normal noise levels")
+    sigma_data: float = option(0.5, 'optimisation', 'standard deviation of the data')
+    grid_steps: int = option(18, 'run folder', 'Heun steps for the progress grid')
 
-    def validate(self):
-        super().validate()
-        if self.arch not in ('ddpmpp', 'ncsnpp', 'adm'):
-            raise ValueError(f'--arch must be ddpmpp, ncsnpp or adm, got {self.arch!r}')
-        if self.lr <= 0:
-            raise ValueError('--lr must be positive')
+    def checks(self):
+        return super().checks() + [
+            (self.lr > 0, '--lr must be positive'),
+            (not self.cudagraphs, '--cudagraphs is not implemented for EDM pre-training (the CUDA graphs capture '
+                                  "D2O's G and D steps); drop the flag"),
+            (self.precision != 'fp16', '--precision fp16 needs loss scaling, which EDM pre-training does not do; '
+                                       'use bf16 or fp32'),
+        ]
 
 
 #----------------------------------------------------------------------------
@@ -189,20 +238,29 @@ PRESETS = {
 }
 
 
-def resolve_config(preset='demo', cls=TrainConfig, presets=None, **overrides):
-    """Preset values, then explicit overrides (None means 'not given')."""
+def _build(preset, cls, presets, overrides):
     presets = PRESETS if presets is None else presets
     if preset not in presets:
-        raise ValueError(f'unknown preset {preset!r}; expected one of {", ".join(sorted(presets))}')
+        raise ConfigError(f'unknown preset {preset!r}; expected one of {", ".join(sorted(presets))}')
     values = dict(presets[preset], preset=preset)
     values.update({k: v for k, v in overrides.items() if v is not None})
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f'unknown config fields: {", ".join(unknown)}')
-    cfg = cls(**values)
+        raise ConfigError(f'unknown config fields: {", ".join(unknown)}')
+    return cls(**values)
+
+
+def resolve_config(preset='demo', cls=TrainConfig, presets=None, **overrides):
+    """Preset values, then explicit overrides (None means 'not given'); validated."""
+    cfg = _build(preset, cls, presets, overrides)
     cfg.validate()
     return cfg
+
+
+def preset_values(preset, cls=TrainConfig, presets=None):
+    """{field: value} of a preset (the class defaults where it says nothing), as --help shows them."""
+    return dataclasses.asdict(_build(preset, cls, presets, {}))
 
 
 # EDM pre-training presets: the small digits model that ships as the demo's starting point.

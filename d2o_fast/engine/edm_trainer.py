@@ -7,6 +7,7 @@
 import torch
 
 from d2o_fast.engine import distributed as dist
+from d2o_fast.engine.compile import apply_activation_checkpointing, to_channels_last
 from d2o_fast.engine.ema import ema_beta, make_ema, update_ema
 from d2o_fast.engine.optim import autocast_context, autocast_dtype, finish_gradients, make_adam
 
@@ -30,6 +31,12 @@ class EDMTrainer:
         self.G = net.to(device).train()
         self.params = [p for p in self.G.parameters() if p.requires_grad]
         self.G_ema = make_ema(self.G)
+        # As in D2OTrainer, after the EMA copy (which stays NCHW, the layout snapshots store). With NHWC weights the
+        # first convolution turns the NCHW input into NHWC activations, so step() needs no change of its own.
+        if cfg.checkpointing:
+            apply_activation_checkpointing(self.G)
+        if cfg.channels_last:
+            to_channels_last(self.G)
         self.dtype = autocast_dtype(cfg.precision, device)
         self.opt = make_adam(self.params, cfg.lr, (0.9, 0.999), device)
         self.fwd = torch.compile(self.G, dynamic=False) if cfg.compile else self.G

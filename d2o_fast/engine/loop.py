@@ -17,11 +17,12 @@ from d2o_fast.engine import distributed as dist
 from d2o_fast.engine.profiling import Profiler, nvtx_range
 from d2o_fast.engine.progress import Reporter, save_image_grid
 from d2o_fast.engine.run import StopRequest, choose_run_dir, mark_finished, write_config
-from d2o_fast.engine.tasks import resolve_data_path
 from d2o_fast.engine.state import capture_rng, load_state, restore_rng, save_state
+from d2o_fast.engine.tasks import resolve_data_path
+from d2o_fast.errors import D2OFastError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(D2OFastError, RuntimeError):
     """Training cannot continue (diverged); the message says why and what was kept."""
 
 

@@ -11,6 +11,12 @@ from d2o_fast.ops import native_bf16
 ADAM_EPS = 1e-8
 GRAD_CLAMP = 1e5   # nan_to_num bounds for gradients, as the authors
 
+# --precision names: the autocast dtype of each (None: no autocast); 'auto' = bf16 where native, else fp32.
+AUTOCAST_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}
+PRECISIONS = ('auto', *AUTOCAST_DTYPES)
+# The discriminator's: no fp16, whose loss scaling follows the generator's precision only.
+DISC_PRECISIONS = ('fp32', 'bf16')
+
 
 def autocast_dtype(precision, device):
     """'auto' = bf16 where the device runs it natively (CUDA, AVX512/AMX CPUs), else fp32; None means no autocast."""
@@ -19,7 +25,7 @@ def autocast_dtype(precision, device):
     elif precision == 'bf16' and not native_bf16(device.type):
         warnings.warn(f'bf16 on this {device.type} is emulated and much slower than fp32; --precision auto picks fp32 here',
                       stacklevel=2)
-    return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[precision]
+    return AUTOCAST_DTYPES[precision]
 
 
 def autocast_context(device, dtype):

@@ -9,6 +9,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from d2o_fast.files import atomic_path
+
 
 def save_image_grid(images, path, grid_w=None):
     """images: float [N, C, H, W] in [-1, 1] -> one PNG grid (written atomically)."""
@@ -22,9 +24,8 @@ def save_image_grid(images, path, grid_w=None):
         y, x = divmod(i, grid_w)
         canvas[y * h:(y + 1) * h, x * w:(x + 1) * w] = pixels[i].transpose(1, 2, 0)
     image = PIL.Image.fromarray(canvas[:, :, 0] if c == 1 else canvas, 'L' if c == 1 else 'RGB')
-    tmp = f'{path}.tmp.png'
-    image.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format='PNG')
     return path
 
 

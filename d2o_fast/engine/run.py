@@ -11,6 +11,7 @@ import signal
 
 from d2o_fast.checkpoint import CheckpointError
 from d2o_fast.engine.state import list_states
+from d2o_fast.files import atomic_path
 
 FINISHED_MARKER = 'finished'
 
@@ -69,11 +70,8 @@ def choose_run_dir(cfg, desc, identity):
 
 
 def write_config(run_dir, config_dict, identity):
-    path = os.path.join(run_dir, 'config.json')
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
+    with atomic_path(os.path.join(run_dir, 'config.json')) as tmp, open(tmp, 'w') as f:
         json.dump(dict(config_dict, identity=identity), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def mark_finished(run_dir):

@@ -2,8 +2,8 @@
 
 A training state holds everything needed to continue bit-for-bit: G, EMA, D, both optimizers, the grad
 scaler, images seen, the step counter, the data loader position and every rank's RNG states. It is written
-to a temporary file in the same folder, fsync'ed, then renamed over the final name, so an interrupted or
-failed save never leaves a corrupt file and never touches the previous checkpoint.
+atomically (d2o_fast/files.py atomic_path), so an interrupted or failed save never leaves a corrupt file and
+never touches the previous checkpoint.
 """
 
 import glob
@@ -15,27 +15,10 @@ import numpy as np
 import torch
 
 from d2o_fast.checkpoint import CheckpointError
+from d2o_fast.files import atomic_path
 
 STATE_PATTERN = 'training-state-{:09d}.pt'
 STATE_GLOB = 'training-state-*.pt'
-
-
-def atomic_torch_save(obj, path):
-    tmp = f'{path}.tmp-{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def list_states(run_dir):
@@ -48,7 +31,8 @@ def list_states(run_dir):
 
 def save_state(run_dir, state, images_seen, keep):
     path = os.path.join(run_dir, STATE_PATTERN.format(images_seen))
-    atomic_torch_save(state, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     for old in list_states(run_dir)[:-keep] if keep > 0 else []:
         if os.path.abspath(old) != os.path.abspath(path):
             os.remove(old)

@@ -8,17 +8,16 @@ import dataclasses
 import os
 from typing import Callable, Optional
 
-import torch
-
 from d2o_fast import assets
 from d2o_fast.checkpoint import load_network
 from d2o_fast.discriminators import build_discriminator
 from d2o_fast.engine.edm_trainer import EDMTrainer
 from d2o_fast.engine.trainer import D2OTrainer
+from d2o_fast.errors import D2OFastError
 from d2o_fast.nets import architecture_kwargs, build_network, edm_sampler, format_freeze_report, freeze_report
 
 
-class SetupError(ValueError):
+class SetupError(D2OFastError, ValueError):
     """The config asks for something the given network or data cannot do."""
 
 

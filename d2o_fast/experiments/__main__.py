@@ -12,12 +12,13 @@ same command skips finished runs and resumes an interrupted one.
 import argparse
 import os
 
-from d2o_fast.cli import add_dataclass_flags, overrides_from_args, run_main
+from d2o_fast.cli import add_config_flags, overrides_from_args, run_main
+from d2o_fast.errors import ConfigError
 
 STUDIES = ('ablation', 'sweep', 'demo-seeds')
 
 
-class StudyArgumentError(ValueError):
+class StudyArgumentError(ConfigError):
     """A study's own arguments are out of range."""
 
 
@@ -29,7 +30,7 @@ def _floats(text):
 
 
 def parse(argv):
-    from d2o_fast.engine.config import TrainConfig, resolve_config
+    from d2o_fast.engine.config import PRESETS, TrainConfig, preset_values, resolve_config
     from d2o_fast.experiments.arms import SWEEP_METHODS
     parser = argparse.ArgumentParser(prog='python -m d2o_fast.experiments', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,7 +42,8 @@ def parse(argv):
     parser.add_argument('--methods', default='d2o,d2o-f', help=f'sweep: methods, of {", ".join(SWEEP_METHODS)}')
     args, rest = parser.parse_known_args(argv)
     config_parser = argparse.ArgumentParser(prog='python -m d2o_fast.experiments STUDY ... [training flags]')
-    add_dataclass_flags(config_parser, TrainConfig, skip=('preset', 'seed', 'run_dir', 'outdir', 'resume'))
+    add_config_flags(config_parser, TrainConfig, preset_values('demo', TrainConfig, PRESETS), 'demo',
+                     skip=('preset', 'seed', 'run_dir', 'outdir', 'resume'))
     overrides = overrides_from_args(config_parser.parse_args(rest), TrainConfig)
     if args.seeds < 1:
         raise StudyArgumentError(f'--seeds must be at least 1, got {args.seeds}')

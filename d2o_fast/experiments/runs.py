@@ -15,11 +15,12 @@ import sys
 import time
 
 from d2o_fast.engine.run import FINISHED_MARKER
+from d2o_fast.errors import D2OFastError
 
 RECORD_FILE = 'study-run.json'
 
 
-class ExperimentError(ValueError):
+class ExperimentError(D2OFastError, RuntimeError):
     """A study cannot run as asked (a run folder from another configuration, a run that failed)."""
 
 

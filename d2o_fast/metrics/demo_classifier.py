@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from d2o_fast.files import atomic_path
 from d2o_fast.metrics.errors import MetricsError
 from d2o_fast.metrics.feature_stats import FeatureStats, frechet_distance
 from d2o_fast.metrics.fid import images_to_uint8
@@ -145,7 +146,8 @@ def train_demo_classifier(dest, epochs=20, batch_size=64, lr=3e-3, seed=0, num_t
         os.makedirs(os.path.dirname(dest), exist_ok=True)
     metadata = dict(config=json.dumps(net.config), val_accuracy=f'{val_accuracy:.4f}', epochs=str(epochs),
                     seed=str(seed), command=TRAIN_COMMAND)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, dest, metadata=metadata)
+    with atomic_path(dest) as tmp:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp, metadata=metadata)
     return {'val_accuracy': val_accuracy, 'path': dest}
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from d2o_fast.files import atomic_path
 from d2o_fast.metrics.errors import MetricsError
 
 
@@ -69,7 +70,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 def save_stats(path, mu, sigma):
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'wb') as f:  # a file object: np.savez would otherwise append '.npz' to the name
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f:  # a file object: np.savez would otherwise append '.npz'
         np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
 
 

@@ -1,4 +1,5 @@
-"""Fused kernels and their pure-PyTorch references. Imports nothing else of d2o_fast."""
+"""Fused kernels and their pure-PyTorch references. Imports nothing else of d2o_fast but its error base
+(d2o_fast/errors.py)."""
 
 from d2o_fast.ops.dispatch import (BACKENDS, KernelBackendError, KernelFallbackWarning, get_backend, native_bf16,
                                    resolve_backend, set_backend)

@@ -25,11 +25,13 @@ import warnings
 
 import torch
 
+from d2o_fast.errors import D2OFastError
+
 BACKENDS = ('auto', 'triton', 'cuda', 'cpu', 'torch')
 ENV_VAR = 'D2O_FAST_KERNELS'
 
 
-class KernelBackendError(ValueError):
+class KernelBackendError(D2OFastError, ValueError):
     """An unknown backend name, or a backend that cannot run on the tensors it was asked to."""
 
 

@@ -30,12 +30,13 @@ Their first run per configuration is self-checked against the reference.
 import torch
 import torch.nn.functional as F
 
+from d2o_fast.errors import D2OFastError
 from d2o_fast.ops.dispatch import SelfCheck, implementation, resolve_backend
 
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class GroupNormActError(ValueError):
+class GroupNormActError(D2OFastError, ValueError):
     """Inputs the fused GroupNorm op cannot accept (wrong shapes, group count, dtype)."""
 
 #----------------------------------------------------------------------------
@@ -291,25 +292,32 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 #----------------------------------------------------------------------------
 # Public entry point.
 
-def _check_inputs(x, weight, bias, num_groups, add, scale, shift):
+def check_inputs(x, weight, bias, num_groups, add=None, scale=None, shift=None, kernel=False):
+    """Raise GroupNormActError unless the tensors fit the op; kernel=True adds what the fused kernels also need
+    (a FAST_DTYPES x with at least one element)."""
     if x.dim() != 4:
         raise GroupNormActError(f'group_norm_act expects x of shape [N, C, H, W], got {list(x.shape)}')
+    if not x.is_floating_point() or (kernel and x.dtype not in FAST_DTYPES):
+        allowed = '/'.join(str(d).replace('torch.', '') for d in FAST_DTYPES) if kernel else 'floating-point'
+        raise GroupNormActError(f'group_norm_act expects a {allowed} x, got {x.dtype}')
+    if kernel and x.numel() == 0:
+        raise GroupNormActError(f'group_norm_act got an empty x of shape {list(x.shape)}')
     N, C = x.shape[:2]
-    if not x.is_floating_point():
-        raise GroupNormActError(f'group_norm_act expects a floating-point x, got {x.dtype}')
     if num_groups < 1 or C % num_groups != 0:
         raise GroupNormActError(f'group_norm_act: {C} channels cannot be split into {num_groups} groups')
-    for name, t in (('weight', weight), ('bias', bias)):
-        if t is None or t.shape != (C,):
-            raise GroupNormActError(f'group_norm_act expects {name} of shape [{C}], got {None if t is None else list(t.shape)}')
-    for name, t in (('add', add), ('scale', scale), ('shift', shift)):
-        if t is not None and t.shape not in ((N, C), (N, C, 1, 1)):
-            raise GroupNormActError(f'group_norm_act expects {name} of shape [{N}, {C}] or [{N}, {C}, 1, 1], got {list(t.shape)}')
+    for name, t in (('weight', weight), ('bias', bias), ('add', add), ('scale', scale), ('shift', shift)):
+        shapes = [(C,)] if name in ('weight', 'bias') else [(N, C), (N, C, 1, 1)]
+        if t is None and name not in ('weight', 'bias'):
+            continue
+        if t is None or tuple(t.shape) not in shapes or not t.is_floating_point() or t.device != x.device:
+            wanted = ' or '.join(str(list(s)) for s in shapes)
+            got = None if t is None else f'{list(t.shape)} {t.dtype} on {t.device}'
+            raise GroupNormActError(f'group_norm_act expects {name} as a float {wanted} tensor on {x.device}, got {got}')
 
 
 def group_norm_act(x, weight, bias, num_groups, eps, add=None, scale=None, shift=None, silu=True):
     """y = act(GN(x + add) * (1 + scale) + shift); add/scale/shift are [N, C] or [N, C, 1, 1]."""
-    _check_inputs(x, weight, bias, num_groups, add, scale, shift)
+    check_inputs(x, weight, bias, num_groups, add, scale, shift)
     backend = resolve_backend(x.device.type)
     if backend == 'torch' or x.dtype not in FAST_DTYPES:
         return group_norm_act_reference(x, weight, bias, num_groups, eps, add=add, scale=scale, shift=shift, silu=silu)
@@ -320,4 +328,4 @@ def group_norm_act(x, weight, bias, num_groups, eps, add=None, scale=None, shift
 
 
 __all__ = ['group_norm_act', 'group_norm_act_reference', 'reference_forward', 'reference_backward', 'parameter_grads', 'ReferenceBackend',
-           'compare_with_reference', 'memory_format_of', 'GroupNormActError', 'SELF_CHECK_TOLERANCE']
+           'compare_with_reference', 'memory_format_of', 'check_inputs', 'GroupNormActError', 'SELF_CHECK_TOLERANCE', 'FAST_DTYPES']

@@ -28,12 +28,11 @@ import warnings
 
 import torch
 
-from d2o_fast.ops.group_norm_act import GroupNormActError
+from d2o_fast.ops.group_norm_act import GroupNormActError, check_inputs
 from d2o_fast.ops.native_sources import (CUDA_MACRO, CXX_FLAGS, DIGEST_MACRO, LINK_FLAGS, NVCC_FLAGS, build_sources,
                                          source_digest)
 
 KERNELS_DIR = pathlib.Path(__file__).resolve().parents[2] / 'kernels'
-FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 #----------------------------------------------------------------------------
 # Loading.
@@ -138,34 +137,12 @@ def available(device_type):
     return False
 
 #----------------------------------------------------------------------------
-# Validation (the C++ side checks again, but with less readable errors).
+# Validation beyond the op's own input check (the C++ side checks again, but with less readable errors).
 
 def _check_device(device_type):
     if not available(device_type):
         raise GroupNormActError(f'native group_norm_act is not available for {device_type} tensors: '
                                 f'{unavailable_reason() or "extension built without CUDA"}')
-
-
-def _check_inputs(x, weight, bias, add, scale, shift, num_groups):
-    if x.dim() != 4:
-        raise GroupNormActError(f'native group_norm_act expects x of shape [N, C, H, W], got {list(x.shape)}')
-    if x.dtype not in FAST_DTYPES:
-        raise GroupNormActError(f'native group_norm_act supports float32/bfloat16/float16 x, got {x.dtype}')
-    if x.numel() == 0:
-        raise GroupNormActError(f'native group_norm_act got an empty x of shape {list(x.shape)}')
-    N, C = x.shape[:2]
-    if not isinstance(num_groups, int) or num_groups <= 0 or C % num_groups:
-        raise GroupNormActError(f'native group_norm_act: {C} channels cannot be split into {num_groups} groups')
-    for name, t in (('weight', weight), ('bias', bias)):
-        if t is None or t.shape != (C,) or not t.is_floating_point() or t.device != x.device:
-            raise GroupNormActError(f'native group_norm_act expects {name} as a float [{C}] tensor on {x.device}, '
-                                    f'got {None if t is None else (list(t.shape), t.dtype, str(t.device))}')
-    for name, t in (('add', add), ('scale', scale), ('shift', shift)):
-        if t is None:
-            continue
-        if tuple(t.shape) not in ((N, C), (N, C, 1, 1)) or not t.is_floating_point() or t.device != x.device:
-            raise GroupNormActError(f'native group_norm_act expects {name} as a float [{N}, {C}] tensor on {x.device}, '
-                                    f'got {(list(t.shape), t.dtype, str(t.device))}')
 
 
 def _check_statistics(x, mean, rstd, num_groups):
@@ -179,14 +156,14 @@ def _check_statistics(x, mean, rstd, num_groups):
 
 def forward(x, weight, bias, add, scale, shift, num_groups, eps, silu):
     _check_device(x.device.type)
-    _check_inputs(x, weight, bias, add, scale, shift, num_groups)
+    check_inputs(x, weight, bias, num_groups, add, scale, shift, kernel=True)
     return torch.ops.d2o_fast_native.group_norm_act_forward(x, weight, bias, add, scale, shift, int(num_groups),
                                                             float(eps), bool(silu))
 
 
 def backward(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, silu):
     _check_device(x.device.type)
-    _check_inputs(x, weight, bias, add, scale, shift, num_groups)
+    check_inputs(x, weight, bias, num_groups, add, scale, shift, kernel=True)
     _check_statistics(x, mean, rstd, num_groups)
     if dy.shape != x.shape or dy.device != x.device:
         raise GroupNormActError(f'native group_norm_act: dy {list(dy.shape)} on {dy.device} does not match '

@@ -1,4 +1,4 @@
-"""python -m d2o_fast.import_checkpoint: converts without running the pickle; errors are one line, exit code 1."""
+"""python -m d2o_fast.import_checkpoint: converts without running the pickle; errors say why, exit code 1."""
 
 import os
 import pathlib
@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from d2o_fast import convert
+from d2o_fast import import_checkpoint
 from d2o_fast.checkpoint import file_sha256, load_network
+from d2o_fast.nets import PRECOND_CLASSES
 from tests.checkpoint.checkpoint_fixtures import VARIANTS, make_net, outputs, write_pickle
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -38,7 +39,7 @@ def test_converts_an_edm_pickle(tmp_path):
     assert torch.equal(outputs(gen, 'ddpmpp-cond-aug'), outputs(reference, 'ddpmpp-cond-aug'))
 
 
-def test_refused_pickle_exits_1_with_one_line(tmp_path):
+def test_refused_pickle_exits_1_with_the_reason(tmp_path):
     marker = tmp_path / 'pwned'
 
     class Evil:
@@ -53,18 +54,19 @@ def test_refused_pickle_exits_1_with_one_line(tmp_path):
     assert not marker.exists() and not (tmp_path / 'out.safetensors').exists()
 
 
-def test_bad_arguments_and_missing_files_exit_1(tmp_path, capsys):
-    assert convert.main([str(tmp_path / 'absent.pkl'), str(tmp_path / 'out.safetensors')]) == 1
-    assert capsys.readouterr().err.strip() == f'error: {tmp_path / "absent.pkl"}: no such file'
-    with pytest.raises(SystemExit) as exit_info:
-        convert.main([str(tmp_path / 'in.pkl'), str(tmp_path / 'out.safetensors'), '--as', 'VPPrecond'])
-    assert exit_info.value.code == 1
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+def test_bad_arguments_and_missing_files(tmp_path, capsys, user_error):
+    err = user_error(import_checkpoint.main, [tmp_path / 'absent.pkl', tmp_path / 'out.safetensors'])
+    assert err.strip() == f'error: {tmp_path / "absent.pkl"}: no such file'
+    with pytest.raises(SystemExit) as exit_info:  # a usage error: argparse's exit code 2, with the allowed values
+        import_checkpoint.main([str(tmp_path / 'in.pkl'), str(tmp_path / 'out.safetensors'), '--as', 'VPPrecond'])
+    assert exit_info.value.code == 2
+    allowed = ', '.join(repr(name) for name in sorted(PRECOND_CLASSES))
+    assert f"invalid choice: 'VPPrecond' (choose from {allowed})" in capsys.readouterr().err
 
 
 def test_architecture_names():
-    assert convert.architecture_name(VARIANTS['ncsnpp-uncond']) == 'ncsnpp'
-    assert convert.architecture_name(VARIANTS['ddpmpp-cond-aug']) == 'ddpmpp'
-    assert convert.architecture_name(VARIANTS['adm-cond']) == 'adm'
-    assert convert.architecture_name(VARIANTS['skip-encoder-skip-decoder']) == \
+    assert import_checkpoint.architecture_name(VARIANTS['ncsnpp-uncond']) == 'ncsnpp'
+    assert import_checkpoint.architecture_name(VARIANTS['ddpmpp-cond-aug']) == 'ddpmpp'
+    assert import_checkpoint.architecture_name(VARIANTS['adm-cond']) == 'adm'
+    assert import_checkpoint.architecture_name(VARIANTS['skip-encoder-skip-decoder']) == \
         'model_type=SongUNet, embedding_type=positional, encoder_type=skip, decoder_type=skip'

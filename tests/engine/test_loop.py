@@ -114,14 +114,15 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, tiny_init, tiny_d
     good_bytes = open(good, 'rb').read()
     import d2o_fast.engine.state as state_module
 
-    def broken_save(obj, f):
-        f.write(b'partial')
+    def broken_save(obj, path):
+        with open(path, 'wb') as f:
+            f.write(b'partial')
         raise OSError('No space left on device')
     monkeypatch.setattr(state_module.torch, 'save', broken_save)
     with pytest.raises(OSError, match='No space left'):
         training_loop(tiny_config(tmp_path, tiny_init, tiny_data, kimg=0.032, run_dir=result.run_dir), build_d2o_task, quiet=True)
     assert list_states(result.run_dir) == [good] and open(good, 'rb').read() == good_bytes
-    assert not glob.glob(os.path.join(result.run_dir, '*.tmp*'))
+    assert not glob.glob(os.path.join(result.run_dir, '*.tmp*'), include_hidden=True)
 
 
 def test_partial_snapshot_loads_onto_a_base_with_another_dropout(tmp_path):

@@ -74,10 +74,7 @@ def test_ablation_over_two_seeds_writes_table_verdicts_plot_and_provenance(tmp_p
     assert {p: os.path.getmtime(p) for p in (out / 'runs').glob('*/study-run.json')} == before
 
 
-def test_bad_arguments_are_errors(tmp_path):
-    with pytest.raises(ValueError, match='--kimg must be positive'):
-        main(['ablation', '--kimg', '0', '--outdir', str(tmp_path)])
-    with pytest.raises(ValueError, match='--seeds must be at least 1'):
-        main(['sweep', '--seeds', '0', '--outdir', str(tmp_path)])
-    with pytest.raises(ValueError, match='--methods'):
-        main(['sweep', '--methods', 'd2o,gan', '--outdir', str(tmp_path)])
+def test_bad_arguments_are_user_errors(tmp_path, user_error):
+    assert '--kimg must be positive' in user_error(main, ['ablation', '--kimg', '0', '--outdir', tmp_path])
+    assert '--seeds must be at least 1' in user_error(main, ['sweep', '--seeds', '0', '--outdir', tmp_path])
+    assert '--methods' in user_error(main, ['sweep', '--methods', 'd2o,gan', '--outdir', tmp_path])

@@ -110,16 +110,19 @@ def test_torch_path_without_grad_does_not_touch_inputs():
 @pytest.mark.parametrize('case,match', [
     (dict(x=torch.randn(2, 8, 4)), r'\[N, C, H, W\]'),
     (dict(groups=3), 'cannot be split into 3 groups'),
-    (dict(weight=torch.ones(7)), 'weight of shape'),
-    (dict(add=torch.randn(2, 8, 2)), 'add of shape'),
-    (dict(scale=torch.randn(8)), 'scale of shape'),
+    (dict(weight=torch.ones(7)), r'weight as a float \[8\] tensor on cpu, got \[7\]'),
+    (dict(add=torch.randn(2, 8, 2)), r'add as a float \[2, 8\] or \[2, 8, 1, 1\] tensor on cpu, got \[2, 8, 2\]'),
+    (dict(scale=torch.randn(8)), r'scale as a float .* got \[8\]'),
+    (dict(shift=torch.ones(2, 8, dtype=torch.int32)), r'shift as a float .* got \[2, 8\] torch.int32'),
     (dict(x=torch.ones(2, 8, 4, 4, dtype=torch.int64)), 'floating-point'),
 ])
 def test_bad_input_raises(case, match):
-    args = dict(x=torch.randn(2, 8, 4, 4), weight=torch.ones(8), bias=torch.zeros(8), groups=2, add=None, scale=None)
+    args = dict(x=torch.randn(2, 8, 4, 4), weight=torch.ones(8), bias=torch.zeros(8), groups=2, add=None, scale=None,
+                shift=None)
     args.update(case)
     with pytest.raises(GroupNormActError, match=match):
-        group_norm_act(args['x'], args['weight'], args['bias'], args['groups'], 1e-5, add=args['add'], scale=args['scale'])
+        group_norm_act(args['x'], args['weight'], args['bias'], args['groups'], 1e-5, add=args['add'], scale=args['scale'],
+                       shift=args['shift'])
 
 #----------------------------------------------------------------------------
 # Dispatch.

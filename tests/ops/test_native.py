@@ -217,7 +217,7 @@ def test_bad_inputs_raise_clear_errors():
         native.forward(x, w, b, None, None, None, 3, EPS, True)
     with pytest.raises(GroupNormActError, match='add as a float'):
         native.forward(x, w, b, torch.randn(2, 7), None, None, 2, EPS, True)
-    with pytest.raises(GroupNormActError, match='float32/bfloat16/float16'):
+    with pytest.raises(GroupNormActError, match='a float32/bfloat16/float16 x'):
         native.forward(x.double(), w, b, None, None, None, 2, EPS, True)
     with pytest.raises(GroupNormActError, match='weight'):
         native.forward(x, torch.ones(4), b, None, None, None, 2, EPS, True)
