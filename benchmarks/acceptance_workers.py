@@ -99,7 +99,7 @@ def environment(smoke):
         check('CUDA kernels of the fused op', native.available('cuda'), 'available' if native.available('cuda') else why)
         try:
             triton_ok = importlib.import_module('d2o_fast.ops.triton_group_norm').available('cuda')
-        except ImportError as e:
+        except ImportError:
             triton_ok = False
         check('Triton kernels on CUDA', triton_ok, 'available' if triton_ok else 'not importable or TRITON_INTERPRET set')
         check('NVML reads this GPU', details['gpu']['nvml'].get('nvml') == 'ok', details['gpu']['nvml'].get('nvml'))
@@ -224,12 +224,13 @@ def bandwidth(smoke):
         for layout in LAYOUTS:
             for modulation in MODULATIONS:
                 case = _inputs(device, shape, layout, modulation, dtype)
+                tensor_bytes = numel * case[0].element_size()
                 for name, make in impls.items():
                     steps = make(*case)
                     if steps is None:
                         continue
                     fwd_ms, bwd_ms = (measure(fn, reps, warmup) for fn in steps)
-                    gbs = lambda accesses, ms: accesses * numel * case[0].element_size() / (ms * 1e-3) / 1e9
+                    gbs = lambda accesses, ms: accesses * tensor_bytes / (ms * 1e-3) / 1e9
                     row = dict(shape=list(shape), layout=layout, modulation=modulation, implementation=name,
                                dtype=str(dtype).replace('torch.', ''), forward_ms=fwd_ms, backward_ms=bwd_ms,
                                forward_gbs=gbs(FORWARD_ACCESSES, fwd_ms), backward_gbs=gbs(BACKWARD_ACCESSES, bwd_ms))
