@@ -103,6 +103,9 @@ def bandwidth_md(d):
                      f'{r["forward_ms"]:.3f}', f'{r["forward_gbs"]:.0f}', share(r['forward_share_of_peak']),
                      f'{r["backward_ms"]:.3f}', f'{r["backward_gbs"]:.0f}', share(r['backward_share_of_peak']))
                     for r in d.get('rows', [])])
+    if d.get('errors'):
+        lines += ['', 'Errors:', ''] + [f'- {e["implementation"]} on {"x".join(map(str, e["shape"]))} {e["layout"]} '
+                                        f'{e["modulation"]}: {e["error"]}' for e in d['errors']]
     if d.get('self_check'):
         lines += ['', 'First-call self-check verdicts (the fused op against the float64 reference):', '']
         lines += table(['backend', 'device', 'dtype', 'layout', 'parameters / add / scale / shift / act', 'trusted'],

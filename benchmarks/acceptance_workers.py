@@ -218,7 +218,7 @@ def bandwidth(smoke):
     verdicts = [dict(backend=k[0], device=k[1], dtype=str(k[2]), layout=str(k[3]), configuration=', '.join(map(str, k[4:])),
                      trusted=v) for k, v in SelfCheck.verdicts().items()]
 
-    rows = []
+    rows, errors = [], []
     for shape in shapes:
         numel = math.prod(shape)
         for layout in LAYOUTS:
@@ -226,10 +226,15 @@ def bandwidth(smoke):
                 case = _inputs(device, shape, layout, modulation, dtype)
                 tensor_bytes = numel * case[0].element_size()
                 for name, make in impls.items():
-                    steps = make(*case)
-                    if steps is None:
+                    try:  # one broken implementation must not hide the others' figures
+                        steps = make(*case)
+                        if steps is None:
+                            continue
+                        fwd_ms, bwd_ms = (measure(fn, reps, warmup) for fn in steps)
+                    except Exception as e:
+                        errors.append(dict(implementation=name, shape=list(shape), layout=layout, modulation=modulation,
+                                           error=f'{type(e).__name__}: {str(e).strip()[:300]}'))
                         continue
-                    fwd_ms, bwd_ms = (measure(fn, reps, warmup) for fn in steps)
                     gbs = lambda accesses, ms: accesses * tensor_bytes / (ms * 1e-3) / 1e9
                     row = dict(shape=list(shape), layout=layout, modulation=modulation, implementation=name,
                                dtype=str(dtype).replace('torch.', ''), forward_ms=fwd_ms, backward_ms=bwd_ms,
@@ -240,13 +245,15 @@ def bandwidth(smoke):
                 del case
     failed = [f'{v["backend"]} self-check failed: {v["dtype"]} {v["layout"]} {v["configuration"]}'
               for v in verdicts if not v['trusted']]
+    failed += [f'{e["implementation"]} crashed on {e["shape"]} {e["layout"]} {e["modulation"]}: {e["error"]}'
+               for e in errors if e['implementation'] != 'apex']  # apex is optional: its errors are only reported
     fused = [r for r in rows if r['implementation'] not in ('torch', 'apex')]
     best = max(fused, key=lambda r: r['forward_gbs'], default=None)
     summary = (f'{len(rows)} timings of {", ".join(impls)}; self-check {sum(v["trusted"] for v in verdicts)}/'
                f'{len(verdicts)} trusted; peak {"unknown" if not peak else f"{peak:.0f} GB/s"}')
     if best and peak:
         summary += f'; best fused forward {best["forward_gbs"]:.0f} GB/s ({100 * best["forward_share_of_peak"]:.0f}% of peak)'
-    return _result(failed, summary, dict(peak_gbs=peak, peak_source=peak_source, rows=rows, self_check=verdicts,
+    return _result(failed, summary, dict(peak_gbs=peak, peak_source=peak_source, rows=rows, self_check=verdicts, errors=errors,
                                          implementations=list(impls), reps=reps, bytes_per_element=dict(
                                              forward=FORWARD_ACCESSES, backward=BACKWARD_ACCESSES)))
 

@@ -202,7 +202,7 @@ class Acceptance:
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])))
         if self.smoke:  # shared CPUs: one thread per process, no OpenMP spinning against other jobs
             self.env.update(OMP_NUM_THREADS='1')
-        self.background = None
+        self.background, self.background_skipped = None, 'no CUDA device'
 
     def budget(self, stage):
         return stage.budget_s[self.mode]
@@ -293,6 +293,7 @@ class Acceptance:
     # Compile caches warmed in the background while the correctness stages run (GPU only).
     def start_warming(self):
         if self.smoke or 'train_step' not in self.selected:
+            self.background_skipped = 'the CPU smoke times no compiled path' if self.smoke else 'train_step not selected'
             return
         compiled = [p for p in TRAIN_PATHS if p.config.get('compile')]
         commands = [(self.worker('train-step', self.stage_dir / f'warm--{slug(p.name)}.json', *self.path_args(p),
@@ -302,8 +303,7 @@ class Acceptance:
 
     def stop_warming(self):
         if self.background is None:
-            return dict(status='skipped', summary='the CPU smoke times no compiled path' if self.smoke
-                        else 'train_step not selected', failed_checks=[], details={})
+            return dict(status='skipped', summary=self.background_skipped, failed_checks=[], details={})
         runner, compiled, t0 = self.background
         codes = runner.stop()
         built = [p.name for p, code in zip(compiled, codes) if code == 0]
@@ -316,13 +316,13 @@ class Acceptance:
 
     def run(self):
         started = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
-        results = {}
+        results, no_gpu = {}, False
         for i, stage in enumerate(STAGES):
             if stage.name == 'bandwidth':  # measurements run alone on the GPU
                 results['warm_caches'] = self.stop_warming()
-            if stage.name not in self.selected:
-                results[stage.name] = dict(status='skipped', summary='not selected (--stages)', failed_checks=[],
-                                           details={})
+            if stage.name not in self.selected or no_gpu:
+                reason = 'no CUDA device (see Environment; --cpu-smoke runs without one)' if no_gpu else 'not selected'
+                results[stage.name] = dict(status='skipped', summary=reason, failed_checks=[], details={})
             else:
                 later = sum(self.budget(s) for s in STAGES[i + 1:] if s.name in self.selected)
                 timeout = self.clock.timeout(self.budget(stage), later)
@@ -331,7 +331,9 @@ class Acceptance:
                 print(f'[{self.clock.elapsed():5.0f} s] {stage.name}: {results[stage.name]["status"]} - '
                       f'{results[stage.name]["summary"]}', flush=True)
             if stage.name == 'environment':
-                self.start_warming()
+                no_gpu = 'CUDA device' in results[stage.name]['failed_checks']
+                if not no_gpu:
+                    self.start_warming()
         return self.report(started, results)
 
     def report(self, started, results):

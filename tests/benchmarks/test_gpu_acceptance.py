@@ -218,3 +218,30 @@ def test_cpu_smoke(tmp_path):
     md = (tmp_path / 'acceptance.md').read_text()
     assert md.startswith('# GPU acceptance: PASSED (exit code 0)')
     assert all(f'## {i + 1}. {s["title"]}: {s["status"]}' in md for i, s in enumerate(report['stages']))
+
+
+@pytest.mark.slow
+def test_gpu_tests_in_shards(tmp_path):
+    """Two pytest processes share the GPU tests: each collects all, keeps its half, and the results add up."""
+    run = acceptance.Acceptance(tmp_path, 'cpu-smoke', ['gpu_tests'], shards=2, budget_scale=1.0)
+    result = run.gpu_tests(acceptance.STAGES[1], timeout=600)
+    assert result['status'] == 'passed' and result['details']['shards'] == 2
+    per_shard = [acceptance.read_junit(tmp_path / 'stages' / f'gpu_tests-{i}.xml') for i in range(2)]
+    ids = [{c['id'] for c in cases} for cases in per_shard]
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    assert result['details']['counts']['skipped'] == len(ids[0]) + len(ids[1]) > 700
+
+
+def test_without_a_gpu_the_gpu_mode_stops_after_the_environment(tmp_path):
+    torch = pytest.importorskip('torch')
+    if torch.cuda.is_available():
+        pytest.skip('a GPU is present')
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'gpu_acceptance.py'), '--outdir', str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    report = json.loads((tmp_path / 'acceptance.json').read_text())
+    assert proc.returncode == 1 and report['mode'] == 'gpu' and report['verdict'] == 'failed'
+    stages = {s['name']: s for s in report['stages']}
+    assert stages['environment']['status'] == 'failed' and 'CUDA device' in stages['environment']['failed_checks']
+    assert all(s['status'] == 'skipped' and 'no CUDA device' in s['summary']
+               for name, s in stages.items() if name != 'environment')
