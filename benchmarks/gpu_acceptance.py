@@ -296,6 +296,8 @@ class Acceptance:
             self.background_skipped = 'the CPU smoke times no compiled path' if self.smoke else 'train_step not selected'
             return
         compiled = [p for p in TRAIN_PATHS if p.config.get('compile')]
+        for p in compiled:
+            (self.stage_dir / f'warm--{slug(p.name)}.json').unlink(missing_ok=True)
         commands = [(self.worker('train-step', self.stage_dir / f'warm--{slug(p.name)}.json', *self.path_args(p),
                                  '--build-only'), self.stage_dir / f'warm--{slug(p.name)}.log', self.env)
                     for p in compiled]
@@ -305,8 +307,9 @@ class Acceptance:
         if self.background is None:
             return dict(status='skipped', summary=self.background_skipped, failed_checks=[], details={})
         runner, compiled, t0 = self.background
-        codes = runner.stop()
-        built = [p.name for p, code in zip(compiled, codes) if code == 0]
+        runner.stop()
+        results = [self.stage_dir / f'warm--{slug(p.name)}.json' for p in compiled]
+        built = [p.name for p, r in zip(compiled, results) if r.exists() and json.loads(r.read_text())['status'] == 'passed']
         return dict(status='passed' if len(built) == len(compiled) else 'overrun', failed_checks=[],
                     wall_s=time.monotonic() - t0, details=dict(built=built, paths=[p.name for p in compiled]),
                     summary=f'built {len(built)} of {len(compiled)} compiled paths before the measurements began',

@@ -68,6 +68,28 @@ def test_background_stops_the_running_command_and_drops_the_rest(tmp_path):
         time.sleep(0.1)
     assert background.stop() == [0] and not marker.exists() and time.monotonic() - t0 < 60
 
+def test_compile_caches_warm_in_the_background_until_the_measurements(tmp_path, monkeypatch):
+    """GPU mode: the compiled paths are built one after another in the background; stopping it reports those
+    whose build finished (the first stand-in build finishes, the second hangs, the others never start)."""
+    def stand_in(self, stage, result, *args):
+        hang = 'time.sleep(120)' if 'step' in ' '.join(args) else ''
+        return python(f'''
+            import json, pathlib, time
+            {hang}
+            pathlib.Path({str(result)!r}).write_text(json.dumps(dict(status='passed')))''')
+    monkeypatch.setattr(acceptance.Acceptance, 'worker', stand_in)
+    run = acceptance.Acceptance(tmp_path, 'gpu', ['train_step'], shards=None, budget_scale=1.0)
+    run.start_warming()
+    compiled = [p.name for p in acceptance.TRAIN_PATHS if p.config.get('compile')]
+    first = tmp_path / 'stages' / f'warm--{acceptance.slug(compiled[0])}.json'
+    t0 = time.monotonic()
+    while not first.exists():
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.1)
+    result = run.stop_warming()
+    assert result['status'] == 'overrun' and result['details'] == dict(built=compiled[:1], paths=compiled)
+    assert time.monotonic() - t0 < 60
+
 #----------------------------------------------------------------------------
 # Reading the stages' output.
 
