@@ -30,8 +30,9 @@ HOW_TO_READ = {
                  'unfused sequence moves the tensor several times, so its GB/s by this count is low by design.',
     'train_step': 'img/s = batch / (median timed iteration + 1/16 of a separately timed R1 step). D2O and D2O-F of a '
                   'path are built side by side and their iterations interleaved, so their ratio compares like with '
-                  'like. "vs first" is each variant\'s speed-up over the first measured path (eager fp32). Peak memory = training '
-                  'state + max_memory_allocated growth over an iteration + R1 step. Build = compile + warm-up.',
+                  'like. "vs first" is each variant\'s speed-up over the first measured path (eager fp32). Peak '
+                  'memory = training state + max_memory_allocated growth over an iteration + R1 step. Build = compile '
+                  '+ warm-up.',
 }
 
 
