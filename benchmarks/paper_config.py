@@ -51,11 +51,13 @@ def path_overrides(path):
     return dict(precision='bf16', disc_precision='bf16', channels_last=True, disc_pair_forward=True)
 
 
-def build_trainer(variant, path, batch, generator_kwargs=None, disc_overrides=None, seed=0):
+def build_trainer(variant, path, batch, generator_kwargs=None, disc_overrides=None, seed=0, device='cpu',
+                  config_overrides=None):
     """D2OTrainer for the paper's configuration (or smaller networks, for tests) with random weights.
 
     The discriminator is built from the config exactly as the training entry point does; only `pretrained`
-    is off (random backbone weights: the timing does not depend on them).
+    is off (random backbone weights: the timing does not depend on them). config_overrides: config fields
+    set over the path's (the GPU acceptance's paths).
     """
     import torch
     from d2o_fast.discriminators import build_discriminator
@@ -65,13 +67,13 @@ def build_trainer(variant, path, batch, generator_kwargs=None, disc_overrides=No
     from d2o_fast.nets import build_network, edm_checkpoint_kwargs
 
     cfg = resolve_config('cifar10-uncond', init='random', arch='ncsnpp', batch=batch, freeze=VARIANTS[variant],
-                         disc_backbones=BACKBONES, seed=seed, **path_overrides(path))
+                         disc_backbones=BACKBONES, seed=seed, **{**path_overrides(path), **(config_overrides or {})})
     torch.manual_seed(seed)
     G = build_network('D2OPrecond', **(generator_kwargs or edm_checkpoint_kwargs(GENERATOR_CHECKPOINT)))
     G.set_dropout(0)  # as the training entry point (setup.build_generator) and the authors' runs
     kwargs = dict(discriminator_kwargs(cfg), pretrained=False, **(disc_overrides or {}))
     D = build_discriminator(cfg.disc, G.img_resolution, G.img_channels, G.label_dim, **kwargs)
-    return D2OTrainer(G, D, cfg, torch.device('cpu'), batch_gpu=batch, rounds=1)
+    return D2OTrainer(G, D, cfg, torch.device(device), batch_gpu=batch, rounds=1)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from d2o_fast.engine.telemetry import peak_memory_bandwidth
 from d2o_fast.ops import native
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / 'results'
@@ -190,16 +191,8 @@ def _device_name(device):
 
 
 def _peak_bandwidth_gbs():
-    """Theoretical DRAM bandwidth of GPU 0 from NVML (None if unknown)."""
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        mem_clock_mhz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)
-        bus_bits = pynvml.nvmlDeviceGetMemoryBusWidth(handle)
-        return 2 * mem_clock_mhz * 1e6 * bus_bits / 8 / 1e9
-    except Exception:
-        return None
+    """Theoretical DRAM bandwidth of the current GPU (None if unknown)."""
+    return peak_memory_bandwidth(torch.device('cuda', torch.cuda.current_device()))[0]
 
 
 def _bytes_moved(shape, dtype_bytes):

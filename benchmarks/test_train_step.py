@@ -20,7 +20,7 @@ CPU configuration (small, so the whole suite runs in minutes on 2 cores):
        batch 2, D2O-F, eager fp32 vs eager bf16 + fused kernels (compiled too with
        D2O_FAST_BENCH_COMPILE_PROJECTED=1: its backbones take many minutes to compile here).
 Throughput is computed from the process's CPU time per iteration (one thread, so this is the cost on a core of
-its own on this shared machine); wall-clock figures are reported beside it.
+its own on this shared machine); wall-clock figures are reported beside it. On CUDA both are wall-clock time.
 GPU (when present): the cifar10 preset's real shapes (NCSN++ full width, batch 64 per GPU, projected D), plus
 CUDA graphs.
 
@@ -183,11 +183,12 @@ class Run:
         self.cpu.clear(), self.wall.clear(), self.r1_cpu.clear(), self.r1_wall.clear()
 
     def row(self):
-        # Throughput from the process's CPU time (1 thread: what the step costs on a core of its own, whatever
-        # else runs on this shared machine) and, beside it, from wall-clock time.
+        # CPU: throughput from the process's CPU time (1 thread: what the step costs on a core of its own, whatever
+        # else runs on this shared machine) and, beside it, from wall-clock time. CUDA: the GPU's time is wall time
+        # (the host thread's CPU time depends on how it waits for the device).
         case, trainer, batch = self.case, self.trainer, self.trainer.batch_gpu
-        seconds = statistics.median(self.cpu) + statistics.median(self.r1_cpu) / R1_INTERVAL
         wall_seconds = statistics.median(self.wall) + statistics.median(self.r1_wall) / R1_INTERVAL
+        seconds = wall_seconds if CUDA else statistics.median(self.cpu) + statistics.median(self.r1_cpu) / R1_INTERVAL
         return dict(case=case.name, disc=case.disc, path=case.path, freeze=case.freeze, batch=batch,
                     precision=str(trainer.g_dtype or torch.float32).replace('torch.', ''), kernels=ops.get_backend(),
                     iteration_ms=1000 * seconds, r1_ms=1000 * statistics.median(self.r1_cpu),

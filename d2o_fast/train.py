@@ -28,11 +28,13 @@ def main(argv):
 
 def report_demo(cfg, result):
     """The closing table of the demo: raw one step vs Heun teacher vs the fine-tuned generator."""
+    from d2o_fast.engine.distributed import init_distributed
     from d2o_fast.engine.tasks import resolve_init_path
     from d2o_fast.metrics.demo_report import compare_demo_generators, format_demo_table, write_demo_report
     print(f'Evaluating on {cfg.eval_images} samples (demo-FID: Frechet distance in the demo classifier\'s features) ...', flush=True)
+    device = init_distributed()[2]  # the run's device (the process group, if any, already exists)
     rows = compare_demo_generators(resolve_init_path(cfg.init), result.snapshot, num_images=cfg.eval_images,
-                                   known=measured_rows(cfg, result))
+                                   known=measured_rows(cfg, result), device=device)
     write_demo_report(result.run_dir, rows)
     print(format_demo_table(rows), flush=True)
 

@@ -20,6 +20,7 @@ from d2o_fast.engine.run import StopRequest, choose_run_dir, mark_finished, writ
 from d2o_fast.engine.state import capture_rng, load_state, restore_rng, save_state
 from d2o_fast.engine.tasks import resolve_data_path
 from d2o_fast.errors import D2OFastError
+from d2o_fast.engine.telemetry import gpu_telemetry, peak_memory_gb
 
 
 class TrainingError(D2OFastError, RuntimeError):
@@ -52,28 +53,6 @@ def sample_images(sample, net, z, labels, batch=64):
     for i in range(0, z.shape[0], batch):
         out.append(sample(net, z[i:i + batch], None if labels is None else labels[i:i + batch]).cpu())
     return torch.cat(out)
-
-
-def peak_memory_gb(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is in KiB on Linux
-
-
-def gpu_telemetry(device):
-    """Utilisation, memory and power from NVML when a GPU is present; nothing otherwise."""
-    if device.type != 'cuda':
-        return {}
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-        util = pynvml.nvmlDeviceGetUtilizationRates(handle)
-        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        return dict(gpu_util=float(util.gpu), gpu_mem_gb=mem.used / 2 ** 30, gpu_power_w=pynvml.nvmlDeviceGetPowerUsage(handle) / 1000)
-    except Exception:  # telemetry must never stop training
-        return {}
 
 
 class TickMeter:

@@ -32,39 +32,44 @@ def _demo_fid_and_accuracy(images, labels):
     return dict(demo_fid=float(m['fid']), demo_accuracy=m['accuracy'])
 
 
-def compare_demo_generators(init_path, snapshot_path, num_images=500, batch=100, heun_steps=18, heun_bf16=None, known=None):
-    """Rows of {name, nfe, fid, accuracy, num_images} for (a), (b), (c).
+def compare_demo_generators(init_path, snapshot_path, num_images=500, batch=100, heun_steps=18, heun_bf16=None, known=None,
+                            device='cpu'):
+    """Rows of {name, nfe, fid, accuracy, num_images} for (a), (b), (c), generated on `device`.
 
     known: {'raw': metrics, 'tuned': metrics} (the {'demo_fid', 'demo_accuracy'} of `one_step_demo_metrics`) for
     one-step rows the training run already measured on the same latents: the EMA at 0 kimg is the raw pre-trained
     generator and the last snapshot is the fine-tuned one, so those rows are not generated twice.
-    heun_bf16: whether the teacher's 35 network evaluations per image run under bf16 autocast; None = where the CPU
-    runs bf16 natively, as the demo's generator trains (--precision auto). The ODE state stays float64.
+    heun_bf16: whether the teacher's 35 network evaluations per image run under bf16 autocast; None = where the
+    device runs bf16 natively, as the demo's generator trains (--precision auto). The ODE state stays float64.
     """
     known = known or {}
-    heun_bf16 = native_bf16('cpu') if heun_bf16 is None else heun_bf16
+    device = torch.device(device)
+    heun_bf16 = native_bf16(device.type) if heun_bf16 is None else heun_bf16
     one_step = one_step_demo_metrics(num_images, batch)  # the same evaluation the training run makes
 
     rows = []
     for key, name, nfe, measure in [
-        ('raw', '(a) pre-trained, raw one step', 1, lambda: one_step(load_network(init_path, as_class='D2OPrecond').eval())),
+        ('raw', '(a) pre-trained, raw one step', 1, lambda: one_step(load_network(init_path, device, as_class='D2OPrecond'))),
         ('heun', f'(b) pre-trained + Heun sampler ({heun_steps} steps{", bf16" if heun_bf16 else ""})', 2 * heun_steps - 1,
-         lambda: teacher_demo_metrics(init_path, num_images, batch, heun_steps, heun_bf16)),
-        ('tuned', '(c) fine-tuned one-step generator', 1, lambda: one_step(load_network(snapshot_path).eval())),
+         lambda: teacher_demo_metrics(init_path, num_images, batch, heun_steps, heun_bf16, device)),
+        ('tuned', '(c) fine-tuned one-step generator', 1, lambda: one_step(load_network(snapshot_path, device))),
     ]:
         m = known[key] if key in known else measure()
         rows.append(dict(name=name, nfe=nfe, fid=float(m['demo_fid']), accuracy=m['demo_accuracy'], num_images=num_images))
     return rows
 
 
-def teacher_demo_metrics(init_path, num_images=500, batch=100, heun_steps=18, bf16=None):
-    """{'demo_fid', 'demo_accuracy'} of the pre-trained denoiser with EDM's Heun sampler, on the evaluation's seeds
-    (under bf16 autocast where the CPU runs bf16 natively, unless `bf16` says otherwise)."""
-    bf16 = native_bf16('cpu') if bf16 is None else bf16
-    teacher = load_network(init_path).eval()
+def teacher_demo_metrics(init_path, num_images=500, batch=100, heun_steps=18, bf16=None, device='cpu'):
+    """{'demo_fid', 'demo_accuracy'} of the pre-trained denoiser with EDM's Heun sampler on `device`, on the
+    evaluation's seeds (under bf16 autocast where the device runs bf16 natively, unless `bf16` says otherwise)."""
+    device = torch.device(device)
+    bf16 = native_bf16(device.type) if bf16 is None else bf16
+    teacher = load_network(init_path, device)
     z, labels = demo_latents(num_images, teacher.img_resolution, teacher.img_channels, teacher.label_dim)
-    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-        images = _batched(lambda zz, c: edm_sampler(teacher, zz, c, num_steps=heun_steps), z, labels, batch)
+    sample = lambda zz, c: edm_sampler(teacher, zz.to(device), None if c is None else c.to(device),
+                                       num_steps=heun_steps).cpu()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        images = _batched(sample, z, labels, batch)
     return _demo_fid_and_accuracy(images, labels)
 
 

@@ -6,6 +6,10 @@ Both wrap a U-Net F and return the denoised image D(x; sigma) (EDM's contract
     D2OPrecond: the same with the boundary eps = 2e-3 in c_skip and c_out; as a one-step
                 generator it maps z ~ N(0, I) to G(z) = D(80 z; 80).
 EDM weights load into either unchanged (same module tree under `model`).
+
+The U-Net always receives float32 inputs: reduced precision comes only from the caller's autocast (a run's
+--precision). EDM's `use_fp16` switch (True in its ImageNet ADM checkpoint) is accepted and kept in the
+architecture record, so its checkpoints and snapshots of them load unchanged, but never acted on.
 """
 
 import torch
@@ -19,7 +23,7 @@ UNET_CLASSES = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
 #----------------------------------------------------------------------------
 
 class _Precond(torch.nn.Module):
-    """Shared plumbing: architecture record, label handling, compute dtype."""
+    """Shared plumbing: architecture record, label handling."""
 
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0,
                  sigma_max=float('inf'), sigma_data=0.5, model_type='DhariwalUNet', **model_kwargs):
@@ -33,7 +37,6 @@ class _Precond(torch.nn.Module):
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim
-        self.use_fp16 = use_fp16
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
@@ -47,21 +50,15 @@ class _Precond(torch.nn.Module):
             return torch.zeros([1, self.label_dim], device=x.device)
         return class_labels.to(torch.float32).reshape(-1, self.label_dim)
 
-    def _model_dtype(self, x, force_fp32):
-        # EDM's own switch: fp16 on CUDA when the checkpoint asks for it. Training in this
-        # project uses autocast instead and keeps use_fp16 off.
-        return torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == 'cuda') else torch.float32
-
     def _coefficients(self, sigma):
         raise NotImplementedError
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+    def forward(self, x, sigma, class_labels=None, **model_kwargs):
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
         class_labels = self._labels(class_labels, x)
-        dtype = self._model_dtype(x, force_fp32)
         c_skip, c_out, c_in, c_noise = self._coefficients(sigma)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        F_x = self.model(c_in * x, c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         return c_skip * x + c_out * F_x.to(torch.float32)
 
     def round_sigma(self, sigma):

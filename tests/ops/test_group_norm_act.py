@@ -48,7 +48,8 @@ def run_with_grads(fn, inputs, groups, silu, eps=1e-5, dy=None, dtype=None):
     leaves = {k: (v.to(dtype) if dtype else v.detach()).requires_grad_() for k, v in inputs.items() if v is not None}
     y = fn(leaves['x'], leaves['weight'], leaves['bias'], groups, eps, add=leaves.get('add'), scale=leaves.get('scale'),
            shift=leaves.get('shift'), silu=silu)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype) if dy is None else dy.to(y.dtype)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)) if dy is None else dy
+    dy = dy.to(y.device, y.dtype)
     grads = torch.autograd.grad(y, list(leaves.values()), dy)
     return y, dict(zip(leaves, grads)), dy
 
@@ -346,8 +347,8 @@ def tiny_unet(arch):
     return net
 
 
-def compiled_step_matches_eager(net, compile_backend):
-    x, noise = torch.randn(2, 3, 8, 8), torch.randn(2)
+def compiled_step_matches_eager(net, compile_backend, device='cpu'):
+    x, noise = torch.randn(2, 3, 8, 8).to(device), torch.randn(2).to(device)
     loss_fn = lambda x, noise: net(x, noise, None).square().mean()
 
     def step(fn):
