@@ -46,8 +46,11 @@ def add_dataclass_flags(parser, cls, skip=()):
             item = type(default[0]) if default else str
             parser.add_argument(flag, type=_tuple_parser(item), default=None, metavar='A,B',
                                 help=f'comma-separated (default: {",".join(map(str, default))})')
-        else:
-            parser.add_argument(flag, type=kind, default=None, help=f'(default: {default})')
+        else:  # metadata: choices (the allowed values), bare (the value of the flag given without one)
+            bare = field.metadata.get('bare')
+            extra = dict(nargs='?', const=bare) if bare is not None else {}
+            parser.add_argument(flag, type=kind, default=None, choices=field.metadata.get('choices'),
+                                help=f'(default: {default}' + (f'; bare {flag}: {bare})' if bare is not None else ')'), **extra)
 
 
 def overrides_from_args(args, cls, skip=()):

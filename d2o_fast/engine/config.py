@@ -10,6 +10,8 @@ import hashlib
 import json
 from typing import Optional
 
+from d2o_fast.engine.compile import CUDAGRAPH_MODES
+
 # The authors' GAN loss is summed over the images of one GPU (their discriminator returns one logit row per
 # image and the loss sums the per-row means), while R1 is averaged over images. This project averages both
 # over the batch so that results do not depend on the number of GPUs; their gamma = 1e-4 at 64 images per GPU
@@ -30,7 +32,9 @@ class RunConfig:
     precision: str = 'auto'                 # the U-Net: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32
     compile: bool = False                   # torch.compile G and D forward (static shapes, fullgraph); R1 stays eager
     channels_last: bool = False             # NHWC memory layout for G and D
-    cudagraphs: bool = False                # CUDA only: compile mode='reduce-overhead' (implies --compile)
+    # CUDA only (implies --compile): 'networks' = CUDA graph trees per network forward / backward; 'step' = one CUDA
+    # graph of G step + D step + EMA, one process. A bare --cudagraphs means 'step'.
+    cudagraphs: str = dataclasses.field(default='off', metadata=dict(choices=CUDAGRAPH_MODES, bare='step'))
     checkpointing: bool = False             # recompute U-Net block activations in backward (less memory, more compute)
     kernels: str = 'auto'                   # fused GroupNorm backend: auto, triton, cuda, cpu, torch
     data_backend: str = 'auto'              # auto, native, dali
@@ -43,7 +47,10 @@ class RunConfig:
     snapshot_ticks: int = 10                # snapshot + image grid every N ticks
     checkpoint_ticks: int = 10              # full training state every N ticks
     keep_checkpoints: int = 3
-    nan_patience: int = 20                  # stop after this many consecutive non-finite steps
+    # Stop after this many consecutive steps with NaN/Inf losses. Steps never read their losses on the host: the check
+    # (and the refusal to save a snapshot or state when the tick's last step was non-finite) runs at the end of each
+    # tick, so a diverged run stops at the first tick boundary after the limit is reached.
+    nan_patience: int = 20
     grid_size: int = 64                     # images in the progress grid
     profile: bool = False
 
@@ -77,6 +84,8 @@ class RunConfig:
             (self.kimg > 0, '--kimg must be positive'),
             (self.kernels in ('auto', 'triton', 'cuda', 'cpu', 'torch'), f'--kernels must be auto, triton, cuda, cpu or torch, got {self.kernels!r}'),
             (self.data_backend in ('auto', 'native', 'dali'), f'--data-backend must be auto, native or dali, got {self.data_backend!r}'),
+            (self.cudagraphs in CUDAGRAPH_MODES, f'--cudagraphs must be one of {", ".join(CUDAGRAPH_MODES)}, got {self.cudagraphs!r}'),
+            (self.nan_patience >= 1, '--nan-patience must be at least 1'),
             (self.tick_kimg > 0 and self.snapshot_ticks >= 1 and self.checkpoint_ticks >= 1, 'tick and snapshot intervals must be positive'),
         ]
         for ok, message in checks:
