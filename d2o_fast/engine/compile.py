@@ -143,6 +143,7 @@ class StepGraph:
         torch.cuda.current_stream().wait_stream(side)
         self.restore(saved)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the data loader's threads may pin memory meanwhile; only this thread's calls must be capturable.
+        with torch.cuda.graph(graph, capture_error_mode='thread_local'):
             self.outputs = self.body()
         self.graph = graph

@@ -1,6 +1,7 @@
 """Optimizer and precision plumbing shared by the trainers."""
 
 import contextlib
+import warnings
 
 import torch
 
@@ -28,6 +29,14 @@ def make_adam(params, lr, betas, device, capturable=False):
     correction reads the step count with .item(), it keeps the step on the device and applies GradScaler's
     inf check itself, so an optimizer step never waits for the device. capturable: it may run inside a CUDA graph."""
     return torch.optim.Adam(params, lr=lr, betas=betas, eps=ADAM_EPS, fused=True, capturable=capturable)
+
+
+@contextlib.contextmanager
+def stepping_outside_graph():
+    """A capturable optimizer (--cudagraphs step) also steps eagerly (warm-up, R1 steps); torch warns once about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='This instance was constructed with capturable=True')
+        yield
 
 
 def finish_gradients(params, optimizer, scaler=None):

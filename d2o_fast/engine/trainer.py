@@ -11,7 +11,6 @@ lets `--cudagraphs step` capture G step + D step + EMA as one CUDA graph (StepGr
 
 import copy
 import time
-import warnings
 
 import torch
 
@@ -20,7 +19,7 @@ from d2o_fast.engine.compile import (SpeedOptionError, StepGraph, apply_activati
                                      check_speed_options, compile_forward, mark_step_begin, to_channels_last)
 from d2o_fast.engine.ema import ema_beta, make_ema, update_ema
 from d2o_fast.engine.profiling import nvtx_range
-from d2o_fast.engine.optim import autocast_context, autocast_dtype, finish_gradients, make_adam
+from d2o_fast.engine.optim import autocast_context, autocast_dtype, finish_gradients, make_adam, stepping_outside_graph
 from d2o_fast.engine.gan import discriminator_loss, generator_loss, mean_logit, r1_penalty
 from d2o_fast.nets import apply_freeze, labelled_batch
 
@@ -102,7 +101,7 @@ class D2OTrainer:
         labels = labels if labels is not None else torch.zeros([n, 0], device=self.device)
         saved = self.copy_state()
         devices = [self.device] if self.device.type == 'cuda' else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), stepping_outside_graph():
             mark_step_begin(self.cfg.cudagraphs)
             z_g, z_d = self.draws(0, images.shape[1:], 0)
             run = self.iteration if self.step_graph is None else self.graphed_iteration
@@ -192,8 +191,8 @@ class D2OTrainer:
                                z_d=torch.empty_like(z_d), beta=torch.zeros([], device=self.device))
         for name, value in (('images', images), ('labels', labels), ('z_g', z_g), ('z_d', z_d)):
             if value.shape != self.static[name].shape:
-                raise SpeedOptionError(f'--cudagraphs step needs the same batch shape every step: {name} {tuple(value.shape)} '
-                                 f'after {tuple(self.static[name].shape)}')
+                raise SpeedOptionError(f'--cudagraphs step needs the same batch shape every step: {name} '
+                                       f'{tuple(value.shape)} after {tuple(self.static[name].shape)}')
             self.static[name].copy_(value, non_blocking=True)
         self.static['beta'].fill_(beta)
         values = self.step_graph().clone()
@@ -262,8 +261,7 @@ class D2OTrainer:
                 penalty = r1_penalty(self.D, real, c).mean()
             (penalty * (self.cfg.r1_gamma / 2) * self.cfg.r1_interval / self.rounds).backward()
             total += penalty.detach() / self.rounds
-        with warnings.catch_warnings():  # a capturable optimizer (--cudagraphs step) stepping outside its graph
-            warnings.filterwarnings('ignore', message='This instance was constructed with capturable=True')
+        with stepping_outside_graph():
             finish_gradients(self.d_params, self.opt_d)
         if self.step_graph is not None:
             self.opt_d.zero_grad(set_to_none=True)  # the graph has gradient buffers of its own

@@ -64,7 +64,7 @@ def test_the_guard_catches_each_kind_of_read(monkeypatch):
     assert y.item() > 0
 
 
-def d2o_trainer(disc, freeze, precision, static_step=False, rounds=2):
+def d2o_trainer(disc, freeze, precision, static_step=False, rounds=2, device=CPU):
     torch.manual_seed(0)
     G = build_network('D2OPrecond', **architecture_kwargs('ddpmpp', RES, 3, CLASSES, model_channels=8, channel_mult=[1, 2],
                                                           num_blocks=1, attn_resolutions=[8], dropout=0.0))
@@ -77,7 +77,7 @@ def d2o_trainer(disc, freeze, precision, static_step=False, rounds=2):
     cfg = resolve_config('demo', init='random', arch='ddpmpp', disc=disc, freeze=freeze, batch=2 * rounds, seed=5,
                          lr=1e-3, dlr=1e-3, precision=precision, disc_precision='bf16' if bf16_disc else 'fp32',
                          r1_interval=2)
-    return D2OTrainer(G, D, cfg, CPU, batch_gpu=2, rounds=rounds, static_step=static_step)
+    return D2OTrainer(G, D, cfg, device, batch_gpu=2, rounds=rounds, static_step=static_step)
 
 
 def run_guarded(trainer, monkeypatch, steps):
