@@ -127,7 +127,7 @@ def run_case(variant, path, batch, iters, threads, generator_kwargs=None, disc_o
                 d_phase_s=statistics.median(phase_times['D']),
                 r1_s=r1_s, s_per_it=s_per_it, img_per_s=batch / s_per_it,
                 peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, build_s=build_s,
-                loss_g=stats['loss_g'], loss_d=stats['loss_d'],
+                loss_g=stats['loss_g'].item(), loss_d=stats['loss_d'].item(),
                 load_before=load_before, load_after=os.getloadavg()[0])
 
 #----------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def loss_trajectories(path, seed, steps, batch, threads):
     for step in range(steps):
         stats = trainer.step(data[step], torch.zeros(batch, 0), step=step, images_seen=step * batch)
         for k in out:
-            out[k].append(stats.get(k))
+            out[k].append(stats[k].item() if k in stats else None)
     return out
 
 

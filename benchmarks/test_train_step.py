@@ -46,7 +46,7 @@ from d2o_fast import ops
 from d2o_fast.discriminators import build_discriminator
 from d2o_fast.engine.config import resolve_config
 from d2o_fast.engine.trainer import D2OTrainer
-from d2o_fast.nets import architecture_kwargs, build_network
+from d2o_fast.nets import architecture_kwargs, build_network, labelled_batch
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / 'results'
 ASSERT_ENV = 'D2O_FAST_BENCH_ASSERT_TARGETS'
@@ -85,7 +85,7 @@ class Case:
                 'bf16+fused': (dict(precision='bf16', disc_precision='bf16', channels_last=True), fused),
                 'compiled': (dict(precision='bf16', disc_precision='bf16', compile=True), 'torch'),
                 'compiled+fused': (dict(precision='bf16', disc_precision='bf16', compile=True), fused),
-                'cudagraphs+fused': (dict(precision='bf16', disc_precision='bf16', compile=True, cudagraphs=True),
+                'cudagraphs+fused': (dict(precision='bf16', disc_precision='bf16', compile=True, cudagraphs='networks'),
                                      fused)}[self.path]
 
 
@@ -152,9 +152,8 @@ class Run:
         self.case = case
         self.trainer, self.build_wall, self.build_cpu = build_trainer(case)
         batch = self.trainer.batch_gpu
-        g = torch.Generator().manual_seed(1)
-        self.images = (torch.rand([batch, 3, 32, 32], generator=g) * 2 - 1).to(DEVICE)
-        self.labels = torch.eye(CLASSES)[torch.randint(CLASSES, [batch], generator=g)].to(DEVICE)
+        self.images, self.labels = labelled_batch(batch, [3, 32, 32], CLASSES, 1, values='uniform', labels='random',
+                                                  device=DEVICE)
         self.steps = iter(range(1, 10 ** 9))
         self.cpu, self.wall, self.r1_cpu, self.r1_wall = [], [], [], []
 

@@ -12,6 +12,7 @@ from typing import Optional
 
 from d2o_fast.data import BACKENDS as DATA_BACKENDS
 from d2o_fast.discriminators import BACKBONES, DISCRIMINATOR_KINDS
+from d2o_fast.engine.compile import CUDAGRAPH_MODES
 from d2o_fast.engine.optim import DISC_PRECISIONS, PRECISIONS
 from d2o_fast.errors import ConfigError
 from d2o_fast.nets import ARCHITECTURES
@@ -60,12 +61,17 @@ class RunConfig:
     batch_gpu: Optional[int] = option(None, 'optimisation', 'per-device batch (unset: batch / processes)')
     kimg: float = option(5000, 'optimisation', 'training duration in thousands of images')
     seed: int = option(0, 'optimisation', 'seed of weights, data order and noise')
-    nan_patience: int = option(20, 'optimisation', 'stop after this many consecutive steps with non-finite losses')
+    # Steps never read their losses on the host: the check (and the refusal to save a snapshot or state when the
+    # tick's last step was non-finite) runs at the end of each tick, at the first tick boundary after the limit.
+    nan_patience: int = option(20, 'optimisation', 'stop after this many consecutive steps with non-finite losses '
+                               '(checked at tick boundaries)')
     precision: str = option('auto', 'speed', 'autocast of the U-Net: auto = bf16 where the device runs it natively (CUDA, AVX512/AMX CPUs), else fp32',
                             choices=PRECISIONS)
     compile: bool = option(False, 'speed', 'torch.compile G and D forward (static shapes, fullgraph); R1 stays eager')
     channels_last: bool = option(False, 'speed', 'NHWC memory layout for the trained networks')
-    cudagraphs: bool = option(False, 'speed', "CUDA only: compile mode='reduce-overhead' (implies --compile)")
+    cudagraphs: str = option('off', 'speed', "CUDA only (implies --compile): networks = CUDA graph trees per network "
+                             "forward/backward; step = one graph of G step + D step + EMA, one process",
+                             choices=CUDAGRAPH_MODES, bare='step')
     checkpointing: bool = option(False, 'speed', 'recompute U-Net block activations in backward (less memory)')
     kernels: str = option('auto', 'speed', 'fused GroupNorm backend: auto = the fastest that runs on the device',
                           choices=KERNEL_BACKENDS)
@@ -122,6 +128,7 @@ class RunConfig:
         return [
             (self.batch > 0 and (self.batch_gpu is None or self.batch_gpu > 0), '--batch and --batch-gpu must be positive'),
             (self.kimg > 0, '--kimg must be positive'),
+            (self.nan_patience >= 1, '--nan-patience must be at least 1'),
             (self.tick_kimg > 0 and self.snapshot_ticks >= 1 and self.checkpoint_ticks >= 1, 'tick and snapshot intervals must be positive'),
         ]
 
@@ -200,7 +207,7 @@ class PretrainConfig(RunConfig):
     def checks(self):
         return super().checks() + [
             (self.lr > 0, '--lr must be positive'),
-            (not self.cudagraphs, '--cudagraphs is not implemented for EDM pre-training (the CUDA graphs capture '
+            (self.cudagraphs == 'off', '--cudagraphs is not implemented for EDM pre-training (the CUDA graphs capture '
                                   "D2O's G and D steps); drop the flag"),
             (self.precision != 'fp16', '--precision fp16 needs loss scaling, which EDM pre-training does not do; '
                                        'use bf16 or fp32'),

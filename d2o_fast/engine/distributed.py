@@ -67,13 +67,11 @@ def broadcast_module(module, src=0):
         dist.broadcast(t.data, src=src)
 
 
-def all_reduce_mean(value, device):
-    """Mean of a Python float over ranks."""
-    if not dist.is_initialized():
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / get_world_size()
+def all_reduce_sum_(tensor):
+    """Sum a device tensor over ranks, in place (nothing to do in a single process)."""
+    if dist.is_initialized() and get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
 
 
 def gather_objects(obj):
@@ -93,9 +91,16 @@ def broadcast_object(obj):
     return box[0]
 
 
+def rng_key(seed, step, stream):
+    """Seed of one random stream (0-3) of one training step: distinct for every (seed, step, stream)."""
+    return (seed * 1_000_003 + step) * 4 + stream
+
+
 def global_randn(key, global_batch, shape_one, rank, per_rank, device):
     """This rank's slice of N(0, I) draws made for the whole global batch from a generator seeded by `key`,
-    so every sample's noise is the same whatever the number of processes."""
+    so every sample's noise is the same whatever the number of processes. On CUDA the draws go through pinned
+    memory and are copied without blocking the host."""
     g = torch.Generator().manual_seed(int(key))
-    z = torch.randn([global_batch, *shape_one], generator=g)
-    return z[rank * per_rank:(rank + 1) * per_rank].to(device)
+    pinned = torch.device(device).type == 'cuda'
+    z = torch.randn([global_batch, *shape_one], generator=g, pin_memory=pinned)
+    return z[rank * per_rank:(rank + 1) * per_rank].to(device, non_blocking=pinned)

@@ -42,29 +42,29 @@ class EDMTrainer:
         self.fwd = torch.compile(self.G, dynamic=False) if cfg.compile else self.G
 
     def _draws(self, step, shape_one, rank):
-        key = (self.cfg.seed * 1_000_003 + step) * 4
         per_rank = self.batch_gpu * self.rounds
-        noise = dist.global_randn(key, self.cfg.batch, shape_one, rank, per_rank, self.device)
-        log_sigma = dist.global_randn(key + 1, self.cfg.batch, [], rank, per_rank, self.device)
+        noise = dist.global_randn(dist.rng_key(self.cfg.seed, step, 0), self.cfg.batch, shape_one, rank, per_rank, self.device)
+        log_sigma = dist.global_randn(dist.rng_key(self.cfg.seed, step, 1), self.cfg.batch, [], rank, per_rank, self.device)
         return noise, log_sigma
 
     def step(self, images, labels, step, images_seen, rank=0):
+        """One iteration; returns {'loss': 0-d device tensor} (this rank's, read by the loop once per tick)."""
         labels = labels if labels.shape[1] else None
         noise, log_sigma = self._draws(step, images.shape[1:], rank)
         for group in self.opt.param_groups:  # EDM's linear learning-rate warm-up
             group['lr'] = self.cfg.lr * min(images_seen / max(self.cfg.lr_rampup_kimg * 1000, 1e-8), 1)
         self.opt.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros([], device=self.device)
         pieces = zip(images.chunk(self.rounds), labels.chunk(self.rounds) if labels is not None else [None] * self.rounds,
                      noise.chunk(self.rounds), log_sigma.chunk(self.rounds))
         for x, c, n, s in pieces:
             with autocast_context(self.device, self.dtype):
                 loss = edm_loss(self.fwd, x, c, n, s, self.cfg.p_mean, self.cfg.p_std, self.cfg.sigma_data).mean()
             (loss / self.rounds).backward()
-            total += loss.item() / self.rounds
+            total += loss.detach() / self.rounds
         finish_gradients(self.params, self.opt)
         update_ema(self.G_ema, self.G, ema_beta(images_seen, self.cfg.batch, self.cfg.ema_mimg, self.cfg.ema_rampup))
-        return dict(loss=dist.all_reduce_mean(total, self.device))
+        return dict(loss=total)
 
     def state_dict(self):
         return dict(G=self.G.state_dict(), G_ema=self.G_ema.state_dict(), opt=self.opt.state_dict())

@@ -22,6 +22,7 @@ def make_ema(net):
 
 @torch.no_grad()
 def update_ema(ema, net, beta):
+    """ema <- lerp(net, ema, beta); beta is a float, or a 0-d tensor on the device (a CUDA graph reads it at replay)."""
     for p_ema, p_net in zip(ema.parameters(), net.parameters()):
         if p_net.requires_grad:  # frozen parameters never change: nothing to average
             p_ema.copy_(p_net.detach().lerp(p_ema, beta))

@@ -21,6 +21,7 @@ from d2o_fast.engine.state import capture_rng, load_state, restore_rng, save_sta
 from d2o_fast.engine.tasks import resolve_data_path
 from d2o_fast.errors import D2OFastError
 from d2o_fast.engine.telemetry import gpu_telemetry, peak_memory_gb
+from d2o_fast.nets import labelled_batch
 
 
 class TrainingError(D2OFastError, RuntimeError):
@@ -40,13 +41,6 @@ def architecture_record(net):
     return dict(class_name=type(net).__name__, init_kwargs=net.init_kwargs)
 
 
-def grid_inputs(net, n, seed, device):
-    g = torch.Generator().manual_seed(seed + 7919)
-    z = torch.randn([n, net.img_channels, net.img_resolution, net.img_resolution], generator=g)
-    labels = torch.eye(net.label_dim)[torch.arange(n) % net.label_dim] if net.label_dim else None
-    return z.to(device), (labels.to(device) if labels is not None else None)
-
-
 @torch.no_grad()
 def sample_images(sample, net, z, labels, batch=64):
     out = []
@@ -56,24 +50,61 @@ def sample_images(sample, net, z, labels, batch=64):
 
 
 class TickMeter:
-    """Averages step stats over a tick (NaN placeholders, e.g. R1 on non-R1 steps, are skipped)."""
+    """Step statistics kept on the device over a tick and read once, at its end (one all-reduce, one transfer).
 
-    def __init__(self, images_seen):
+    Each statistic is averaged over the steps (and ranks) where it exists and is finite (R1 only on R1 steps).
+    A step is non-finite when one of its losses is NaN/Inf; the meter counts consecutive non-finite steps across
+    ticks and reports their longest run in the tick and whether the tick ended inside one (per process, then the
+    maximum over processes).
+    """
+
+    def __init__(self, images_seen, device):
+        self.device = device
+        self.run = torch.zeros([], dtype=torch.float64, device=device)   # consecutive non-finite steps up to the last one
+        self.loss_masks = {}                        # key tuple -> which of its statistics are losses (a device tensor)
         self.start(images_seen)
 
     def start(self, images_seen):
         self.sums, self.t0, self.images0 = {}, time.time(), images_seen
+        self.longest = torch.zeros_like(self.run)   # longest run (counted from its start) that reached this tick
 
     def add(self, stats):
-        for k, v in stats.items():
-            if v == v:
-                s = self.sums.setdefault(k, [0.0, 0])
-                s[0] += v
-                s[1] += 1
+        """stats: {name: 0-d device tensor} of one step."""
+        keys = tuple(stats)
+        values = torch.stack([v.double() for v in stats.values()])   # float64 sums: as exact as summing Python floats
+        finite = torch.isfinite(values)
+        if keys not in self.loss_masks:
+            self.loss_masks[keys] = torch.tensor([k.startswith('loss') for k in keys], device=self.device)
+        if keys not in self.sums:
+            self.sums[keys] = (torch.zeros_like(values), torch.zeros_like(values))
+        total, count = self.sums[keys]
+        total.add_(torch.where(finite, values, 0))
+        count.add_(finite)
+        bad = (~finite & self.loss_masks[keys]).any()
+        self.run = (self.run + 1) * bad
+        torch.maximum(self.longest, self.run, out=self.longest)
 
-    def summary(self, images_seen, total, device):
+    def read(self):
+        """(means {name: float}, longest non-finite run in the tick, non-finite run at its end), over all ranks."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        runs = torch.zeros([2 * world], dtype=torch.float64, device=self.device)   # a slot per rank: the sum gathers them
+        runs[2 * rank:2 * rank + 2] = torch.stack([self.longest, self.run])
+        groups = list(self.sums.items())
+        flat = torch.cat([t for _, pair in groups for t in pair] + [runs])
+        values = dist.all_reduce_sum_(flat).tolist()   # the tick's one read of device values
+        totals, counts = {}, {}
+        offset = 0
+        for keys, _ in groups:
+            for i, k in enumerate(keys):
+                totals[k] = totals.get(k, 0.0) + values[offset + i]
+                counts[k] = counts.get(k, 0.0) + values[offset + len(keys) + i]
+            offset += 2 * len(keys)
+        means = {k: totals[k] / counts[k] for k in totals if counts[k]}
+        return means, int(max(values[offset::2])), int(max(values[offset + 1::2]))
+
+    def summary(self, means, images_seen, total, device):
         rate = (images_seen - self.images0) / max(time.time() - self.t0, 1e-9)
-        out = {k: s / n for k, (s, n) in self.sums.items()}
+        out = dict(means)
         out.update(kimg=images_seen / 1000, img_per_sec=rate, sec_per_kimg=1000 / max(rate, 1e-9),
                    peak_mem_gb=peak_memory_gb(device), eta_sec=(total - images_seen) / max(rate, 1e-9))
         out.update(gpu_telemetry(device))
@@ -128,7 +159,8 @@ def training_loop(cfg, build_task, quiet=False):
             restore_rng(state['rng'][rank])
         reporter.print(f'Resumed from {state_path} at {images_seen / 1000:.1f} kimg')
 
-    grid_z, grid_labels = grid_inputs(net, cfg.grid_size, cfg.seed, device)
+    grid_z, grid_labels = labelled_batch(cfg.grid_size, [net.img_channels, net.img_resolution, net.img_resolution],
+                                         net.label_dim, cfg.seed + 7919, device=device)
     evaluations = []
 
     def evaluate():
@@ -166,8 +198,8 @@ def training_loop(cfg, build_task, quiet=False):
 
     total = int(cfg.kimg * 1000)
     tick_images = max(int(cfg.tick_kimg * 1000), 1)
-    tick, bad_steps, last_snapshot = 0, 0, None
-    meter = TickMeter(images_seen)
+    tick, last_snapshot = 0, None
+    meter = TickMeter(images_seen, device)
     profiler = Profiler(run_dir, enabled=cfg.profile and dist.is_main(), device=device)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
@@ -175,23 +207,20 @@ def training_loop(cfg, build_task, quiet=False):
         while images_seen < total:
             with nvtx_range('data'):
                 images, labels = next(loader)
-            stats = trainer.step(images, labels, step, images_seen, rank)
+            meter.add(trainer.step(images, labels, step, images_seen, rank))
             profiler.step()
-            if all(v == v and abs(v) != float('inf') for k, v in stats.items() if k.startswith('loss')):
-                bad_steps = 0
-            else:
-                bad_steps += 1
-                if bad_steps >= cfg.nan_patience:
-                    raise TrainingError(f'losses were NaN/Inf for {bad_steps} consecutive steps at {images_seen / 1000:.1f} kimg; '
-                                        f'stopped without saving; the last good training state in {run_dir} is kept')
             step += 1
             images_seen += cfg.batch
-            meter.add(stats)
 
             done = images_seen >= total
             if done or stop or images_seen >= meter.images0 + tick_images:
                 tick += 1
-                reporter.tick(dict(meter.summary(images_seen, total, device), tick=tick, step=step))
+                means, longest_bad, bad_steps = meter.read()
+                reporter.tick(dict(meter.summary(means, images_seen, total, device), tick=tick, step=step))
+                if longest_bad >= cfg.nan_patience:
+                    raise TrainingError(f'losses were NaN/Inf for {longest_bad} consecutive steps by {images_seen / 1000:.1f} '
+                                        f'kimg (--nan-patience {cfg.nan_patience}); stopped without saving; the last good '
+                                        f'training state in {run_dir} is kept')
                 if bad_steps:  # never overwrite good states with weights from a diverging stretch
                     reporter.print(f'Not saving at {images_seen / 1000:.1f} kimg: the last {bad_steps} step(s) had non-finite losses')
                 else:

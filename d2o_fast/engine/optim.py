@@ -34,17 +34,27 @@ def autocast_context(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_adam(params, lr, betas, device):
-    # fused Adam on CUDA (one kernel for all tensors), foreach on CPU.
-    fused = device.type == 'cuda'
-    return torch.optim.Adam(params, lr=lr, betas=betas, eps=ADAM_EPS, fused=fused or None, foreach=None if fused else True)
+def make_adam(params, lr, betas, device, capturable=False):
+    """Fused Adam (one kernel over all tensors, on CUDA and CPU). Unlike foreach / single-tensor Adam, whose bias
+    correction reads the step count with .item(), it keeps the step on the device and applies GradScaler's
+    inf check itself, so an optimizer step never waits for the device. capturable: it may run inside a CUDA graph."""
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=ADAM_EPS, fused=True, capturable=capturable)
+
+
+@contextlib.contextmanager
+def stepping_outside_graph():
+    """A capturable optimizer (--cudagraphs step) also steps eagerly (warm-up, R1 steps); torch warns once about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='This instance was constructed with capturable=True')
+        yield
 
 
 def finish_gradients(params, optimizer, scaler=None):
-    """Unscale (fp16), average across ranks, replace NaN/Inf, step."""
+    """Average across ranks, unscale (fp16), replace NaN/Inf, step. Averaging first means every rank checks the same
+    gradients for Inf/NaN, so all of them skip (fp16) or take the same step."""
+    dist.average_gradients(params)
     if scaler is not None:
         scaler.unscale_(optimizer)
-    dist.average_gradients(params)
     for p in params:
         if p.grad is not None:
             torch.nan_to_num(p.grad, nan=0, posinf=GRAD_CLAMP, neginf=-GRAD_CLAMP, out=p.grad)

@@ -11,15 +11,12 @@ import torch
 
 from d2o_fast.checkpoint import load_network
 from d2o_fast.metrics.demo_classifier import demo_metrics, demo_reference_stats
-from d2o_fast.nets import edm_sampler
+from d2o_fast.nets import edm_sampler, labelled_batch
 from d2o_fast.ops import native_bf16
 
 
 def demo_latents(num_images, resolution=32, channels=3, label_dim=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn([num_images, channels, resolution, resolution], generator=g)
-    labels = torch.eye(label_dim)[torch.arange(num_images) % label_dim] if label_dim else None
-    return z, labels
+    return labelled_batch(num_images, [channels, resolution, resolution], label_dim, seed)
 
 
 @torch.no_grad()

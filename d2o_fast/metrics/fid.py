@@ -11,6 +11,7 @@ import torch
 from d2o_fast.metrics.detector import extract_features
 from d2o_fast.metrics.errors import MetricsError
 from d2o_fast.metrics.feature_stats import FeatureStats, frechet_distance
+from d2o_fast.nets import labelled_batch
 
 FULL_FID_IMAGES = 50_000   # the paper's (and EDM's) protocol; fewer images give a proxy FID
 
@@ -96,16 +97,9 @@ def parse_seeds(text):
 def seed_latents(net, seeds, device='cpu'):
     """Latents [N, C, R, R] and one-hot class labels (or None) for the given seeds, one Generator per seed."""
     shape = [net.img_channels, net.img_resolution, net.img_resolution]
-    z, labels = [], []
-    for seed in seeds:
-        gen = torch.Generator().manual_seed(int(seed))
-        z.append(torch.randn(shape, generator=gen))
-        if net.label_dim:
-            labels.append(int(torch.randint(net.label_dim, [1], generator=gen)))
-    z = torch.stack(z).to(device)
-    if not net.label_dim:
-        return z, None
-    return z, torch.nn.functional.one_hot(torch.tensor(labels), net.label_dim).to(device, torch.float32)
+    batches = [labelled_batch(1, shape, net.label_dim, seed, labels='random') for seed in seeds]
+    z = torch.cat([z for z, _ in batches]).to(device)
+    return z, (torch.cat([c for _, c in batches]).to(device) if net.label_dim else None)
 
 
 @torch.no_grad()

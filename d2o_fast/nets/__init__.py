@@ -1,4 +1,4 @@
-"""Networks: EDM-compatible U-Nets, preconditioners, the Heun sampler, freeze levels.
+"""Networks: EDM-compatible U-Nets, preconditioners, the Heun sampler, freeze levels, random labelled inputs.
 
 Imports only d2o_fast.ops. `build_network` is the one constructor every other layer uses.
 """
@@ -9,6 +9,7 @@ import torch
 
 from d2o_fast.nets.dhariwal_unet import DhariwalUNet
 from d2o_fast.nets.freeze import apply_freeze, format_freeze_report, freeze_report, is_frozen
+from d2o_fast.nets.inputs import labelled_batch
 from d2o_fast.nets.precond import PRECOND_CLASSES, D2OPrecond, EDMPrecond
 from d2o_fast.nets.sampler import edm_sampler
 from d2o_fast.nets.song_unet import SongUNet
@@ -67,4 +68,4 @@ def build_on_meta(class_name='D2OPrecond', **init_kwargs):
 
 __all__ = ['SongUNet', 'DhariwalUNet', 'EDMPrecond', 'D2OPrecond', 'PRECOND_CLASSES', 'ARCHITECTURES', 'EDM_CHECKPOINTS',
            'build_network', 'architecture_kwargs', 'edm_checkpoint_kwargs', 'build_on_meta', 'edm_sampler',
-           'apply_freeze', 'is_frozen', 'freeze_report', 'format_freeze_report']
+           'apply_freeze', 'is_frozen', 'freeze_report', 'format_freeze_report', 'labelled_batch']

@@ -90,8 +90,9 @@ def test_checkpointing_and_channels_last_train_like_the_plain_step(tmp_path, tin
     assert conv.is_contiguous(memory_format=torch.channels_last)
     # The same G-step gradients (different conv algorithms in NHWC: rounding-level differences only).
     reals, conds = images.chunk(1), labels.chunk(1)
-    plain.generator_phase(reals, conds, step=0, rank=0)
-    fast.generator_phase(reals, conds, step=0, rank=0)
+    zs = plain.draws(0, images.shape[1:], 0)[0].chunk(1)
+    plain.generator_phase(reals, conds, zs)
+    fast.generator_phase(reals, conds, zs)
     for (name, p), q in zip(plain.G.named_parameters(), fast.G.parameters()):
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
@@ -102,15 +103,30 @@ def test_checkpointing_and_channels_last_train_like_the_plain_step(tmp_path, tin
         stats_plain = plain.step(images, labels, step, step * BATCH)
         stats_fast = fast.step(images, labels, step, step * BATCH)
         for k in stats_plain:
-            assert stats_fast[k] == pytest.approx(stats_plain[k], rel=2e-2, abs=1e-3), k
+            assert stats_fast[k].item() == pytest.approx(stats_plain[k].item(), rel=2e-2, abs=1e-3), k
 
 
 #----------------------------------------------------------------------------
 # Refusals.
 
-def test_cudagraphs_is_refused_on_cpu(tmp_path, tiny_init, tiny_data):
+@pytest.mark.parametrize('mode', ['networks', 'step'])
+def test_cudagraphs_is_refused_on_cpu(mode, tmp_path, tiny_init, tiny_data):
     with pytest.raises(SpeedOptionError, match='--cudagraphs needs a CUDA device'):
-        tiny_trainer(tmp_path, tiny_init, tiny_data, cudagraphs=True)
+        tiny_trainer(tmp_path, tiny_init, tiny_data, cudagraphs=mode)
+
+
+def test_cudagraphs_flag_values():
+    from d2o_fast.cli import parse_config
+    from d2o_fast.engine.config import PRESETS, TrainConfig
+    for argv, mode in [([], 'off'), (['--cudagraphs'], 'step'), (['--cudagraphs', '--compile'], 'step'),
+                       (['--cudagraphs', 'networks'], 'networks'), (['--cudagraphs', 'off'], 'off')]:
+        cfg, _ = parse_config(argv, 'train', '', TrainConfig, PRESETS)
+        assert cfg.cudagraphs == mode, argv
+    with pytest.raises(SystemExit):
+        parse_config(['--cudagraphs', 'yes'], 'train', '', TrainConfig, PRESETS)
+    from d2o_fast.engine.config import resolve_config
+    with pytest.raises(ValueError, match='--cudagraphs must be off, networks or step'):
+        resolve_config('demo', cudagraphs=True)
 
 #----------------------------------------------------------------------------
 # The frozen-backbone step does only the work it needs.
@@ -128,7 +144,8 @@ def test_each_phase_touches_only_what_it_trains(tmp_path, tiny_init, tiny_data):
         return out
     trainer.generate = spy
 
-    trainer.generator_phase(reals, conds, step=0, rank=0)
+    z_g, z_d = trainer.draws(0, images.shape[1:], 0)
+    trainer.generator_phase(reals, conds, z_g.chunk(1))
     assert seen[-1][0] and seen[-1][1] and not any(seen[-1][2])  # G step: D's parameters do not require grad
     assert all(p.grad is None for p in trainer.d_params)            # ... so D gets no weight gradients
     frozen = [p for p in trainer.G.parameters() if not p.requires_grad]
@@ -138,7 +155,7 @@ def test_each_phase_touches_only_what_it_trains(tmp_path, tiny_init, tiny_data):
 
     for p in trainer.G.parameters():
         p.grad = None
-    trainer.discriminator_phase(reals, conds, step=0, rank=0)
+    trainer.discriminator_phase(reals, conds, z_d.chunk(1))
     assert seen[-1][0] is False and seen[-1][1] is False             # D step: G ran without a graph
     assert all(p.grad is None for p in trainer.G.parameters())
     assert all(p.grad is not None for p in trainer.d_params)
@@ -176,7 +193,7 @@ def test_compiled_step_matches_eager(tmp_path, tiny_init, tiny_data):
         stats_eager = eager.step(images, labels, step, step * BATCH)
         stats_compiled = compiled.step(images, labels, step, step * BATCH)
         for k in stats_eager:
-            assert stats_compiled[k] == pytest.approx(stats_eager[k], rel=1e-3, abs=1e-4), k
+            assert stats_compiled[k].item() == pytest.approx(stats_eager[k].item(), rel=1e-3, abs=1e-4), k
     for (name, p), q in zip(eager.G.named_parameters(), compiled.G.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=name)
 

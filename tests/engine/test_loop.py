@@ -94,17 +94,42 @@ def test_resume_refuses_another_architecture(tmp_path, tiny_init, tiny_data):
 
 
 def test_non_finite_losses_stop_and_keep_the_last_good_state(tmp_path, tiny_init, tiny_data, monkeypatch):
+    """Detected at tick ends (2 steps per tick here): no state is saved from a tick that ends non-finite, and the run
+    stops at the first tick end after --nan-patience consecutive non-finite steps."""
     cfg = tiny_config(tmp_path, tiny_init, tiny_data, kimg=0.032, nan_patience=3)
     result = training_loop(cfg, build_d2o_task, quiet=True)
     good = list_states(result.run_dir)[-1]
     good_bytes = open(good, 'rb').read()
     from d2o_fast.engine.trainer import D2OTrainer
     real_step = D2OTrainer.step
-    monkeypatch.setattr(D2OTrainer, 'step', lambda self, *a, **k: dict(real_step(self, *a, **k), loss_g=float('nan')))
-    with pytest.raises(TrainingError, match='NaN/Inf for 3 consecutive steps'):
+    monkeypatch.setattr(D2OTrainer, 'step', lambda self, *a, **k: dict(real_step(self, *a, **k), loss_g=torch.tensor(float('nan'))))
+    with pytest.raises(TrainingError, match='NaN/Inf for 4 consecutive steps') as error:
         training_loop(tiny_config(tmp_path, tiny_init, tiny_data, kimg=0.064, nan_patience=3, run_dir=result.run_dir),
                       build_d2o_task, quiet=True)
+    assert '--nan-patience 3' in str(error.value)
     assert list_states(result.run_dir)[-1] == good and open(good, 'rb').read() == good_bytes
+    log = open(os.path.join(result.run_dir, 'log.txt')).read()
+    assert 'the last 2 step(s) had non-finite losses' in log   # the tick at 0.048 kimg
+
+
+def test_tick_meter_reads_means_and_non_finite_runs():
+    """Means over the steps where a statistic exists and is finite; the longest run of steps with a non-finite loss
+    in the tick (runs continue across ticks) and the run at its end. Hand-computed."""
+    nan = float('nan')
+    meter = loop_module.TickMeter(0, torch.device('cpu'))
+    steps = [dict(loss_g=1.0, logit_real=0.5), dict(loss_g=nan, logit_real=1.5), dict(loss_g=3.0, logit_real=nan, r1_penalty=2.0),
+             dict(loss_g=float('inf'), logit_real=2.5), dict(loss_g=nan, logit_real=3.5)]
+    for stats in steps:
+        meter.add({k: torch.tensor(v) for k, v in stats.items()})
+    means, longest, at_end = meter.read()
+    assert means == dict(loss_g=2.0, logit_real=2.0, r1_penalty=2.0) and longest == 2 and at_end == 2
+    meter.start(5 * 16)
+    meter.add(dict(loss_g=torch.tensor(nan), logit_real=torch.tensor(nan)))
+    means, longest, at_end = meter.read()
+    assert means == {} and longest == 3 and at_end == 3   # the run went on from the last tick
+    meter.start(6 * 16)
+    meter.add(dict(loss_g=torch.tensor(1.0), logit_fake=torch.tensor(nan)))   # a non-finite logit is not a bad step
+    assert meter.read() == (dict(loss_g=1.0), 0, 0)
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, tiny_init, tiny_data, monkeypatch):

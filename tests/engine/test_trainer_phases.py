@@ -38,7 +38,7 @@ def test_d_step_pair_forward_equals_two_calls(disc, c_dim):
     for pair in (False, True):
         trainer = tiny_trainer(disc, pair, c_dim)
         before = copy.deepcopy(trainer.D.state_dict())
-        stats = trainer.discriminator_phase(reals, conds, step=3, rank=0)
+        stats = trainer.discriminator_phase(reals, conds, trainer.draws(3, reals[0].shape[1:], 0)[1].chunk(2))
         results[pair] = stats, trainer.D.state_dict()
     (stats_two, state_two), (stats_pair, state_pair) = results[False], results[True]
     for k in stats_two:
@@ -68,13 +68,14 @@ def test_frozen_convolutions_compute_no_weight_gradients():
     g_trainable = [p for p in g_convs if p.requires_grad]
     assert 0 < len(g_trainable) < len(g_convs)
 
-    g_step = conv_backward_masks(lambda: trainer.generator_phase(reals[:1], conds[:1], step=1, rank=0))
+    z_g, z_d = trainer.draws(1, reals[0].shape[1:], 0)
+    g_step = conv_backward_masks(lambda: trainer.generator_phase(reals[:1], conds[:1], z_g.chunk(2)[:1]))
     with_weight = [shape for mask, shape in g_step if mask[1]]
     assert sorted(with_weight) == sorted(tuple(p.shape) for p in g_trainable)
     assert sum(1 for mask, _ in g_step if mask[0] and not mask[1]) > len(g_convs) - len(g_trainable)  # frozen: data only
 
     head_convs = [p for p in trainer.D.trainable_parameters() if p.ndim == 4]
-    d_step = conv_backward_masks(lambda: trainer.discriminator_phase(reals[:1], conds[:1], step=1, rank=0))
+    d_step = conv_backward_masks(lambda: trainer.discriminator_phase(reals[:1], conds[:1], z_d.chunk(2)[:1]))
     assert sorted(shape for mask, shape in d_step if mask[1]) == sorted(2 * [tuple(p.shape) for p in head_convs])
     backbone_shapes = {tuple(p.shape) for p in trainer.D.feature_networks.parameters() if p.ndim == 4}
     assert not any(shape in backbone_shapes and not mask[1] for mask, shape in d_step)  # no pass through the backbones
