@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2o_fast.discriminators import DiscriminatorConfigError, ProjectedDiscriminator, build_discriminator
+from d2o_fast.discriminators import DiscriminatorConfigError, ProjectedDiscriminator, build_discriminator, logit_parts
 from d2o_fast.discriminators.projected import (input_affine, prepare_backbone_input,
                                                prepare_backbone_input_reference)
 
@@ -31,8 +31,9 @@ def test_logit_shape_and_gradient_to_input():
     d = ProjectedDiscriminator(EFFNET, pretrained=False)
     x = images().requires_grad_(True)
     logits = d(x)
-    assert logits.shape == (2, 4 * 16)  # at 224: 4 heads, 4x4 logit maps each
-    logits.sum().backward()
+    assert isinstance(logits, tuple) and len(logits) == 1  # one logits tensor per backbone
+    assert logits[0].shape == (2, 4 * 16)  # at 224: 4 heads, 4x4 logit maps each
+    logits[0].sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert all(p.grad is None for p in d.feature_networks.parameters())
     assert all(p.grad is not None for p in d.trainable_parameters())
@@ -70,7 +71,7 @@ def test_backbones_stay_in_eval_mode_and_bn_stats_frozen():
 def r1_penalty(d, x, c=None):
     """StyleGAN's R1: |d sum(logits) / d x|^2, differentiable w.r.t. the head parameters."""
     x = x.detach().requires_grad_(True)
-    grad, = torch.autograd.grad(d(x, c).sum(), x, create_graph=True)
+    grad, = torch.autograd.grad(sum(p.sum() for p in logit_parts(d(x, c))), x, create_graph=True)
     return grad.square().sum(dim=[1, 2, 3]).mean()
 
 
@@ -89,7 +90,7 @@ def test_optimizer_step_changes_heads_only(disc):
     opt = torch.optim.Adam(disc.trainable_parameters(), lr=1e-2)
     frozen = {k: v.clone() for k, v in disc.feature_networks.state_dict().items()}
     heads = {k: v.clone() for k, v in disc.heads.state_dict().items()}
-    F.softplus(-disc(images())).mean().backward()
+    F.softplus(-disc(images())[0]).mean().backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     assert all(torch.equal(v, disc.feature_networks.state_dict()[k]) for k, v in frozen.items())
@@ -132,7 +133,7 @@ def test_projections_are_deterministic_buffers_and_resume_exactly():
     c.load_state_dict(a.state_dict())
     a.eval(), c.eval()
     with torch.no_grad():
-        assert torch.equal(a(images()), c(images()))
+        assert all(torch.equal(la, lc) for la, lc in zip(a(images()), c(images())))
 
 
 def test_rebuild_from_build_kwargs_without_weight_files():
@@ -146,7 +147,7 @@ def test_rebuild_from_build_kwargs_without_weight_files():
     a.eval(), b.eval()
     c = one_hot([0, 2], 3)
     with torch.no_grad():
-        assert torch.equal(a(images(), c), b(images(), c))
+        assert all(torch.equal(la, lb) for la, lb in zip(a(images(), c), b(images(), c)))
 
 
 def test_projection_seed_is_per_backbone():
@@ -163,8 +164,8 @@ def test_conditional_projection():
     d = ProjectedDiscriminator(EFFNET, c_dim=5, **SMALL).eval()
     x = images()
     with torch.no_grad():
-        l1 = d(x, one_hot([0, 1], 5))
-        l2 = d(x, one_hot([3, 1], 5))
+        (l1,) = d(x, one_hot([0, 1], 5))
+        (l2,) = d(x, one_hot([3, 1], 5))
     assert l1.shape == (2, 4)
     assert not torch.allclose(l1[0], l2[0]) and torch.allclose(l1[1], l2[1])
     assert len(d.heads[EFFNET[0]][0].class_embedding.embed) == 5
@@ -177,7 +178,7 @@ def test_conditional_projection():
 def test_unconditional_rejects_labels_but_accepts_empty(disc):
     with pytest.raises(DiscriminatorConfigError, match='c_dim=0'):
         disc(images(), one_hot([0, 1], 3))
-    assert disc(images(), torch.zeros(2, 0)).shape == (2, 4)
+    assert disc(images(), torch.zeros(2, 0))[0].shape == (2, 4)
 
 
 def test_bad_configuration_errors():
@@ -200,10 +201,10 @@ def test_channels_last_bf16_autocast_close_to_fp32(disc):
     disc.eval(), cl.eval()
     x = images()
     with torch.no_grad():
-        ref = disc(x)
-        torch.testing.assert_close(cl(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        (ref,) = disc(x)
+        torch.testing.assert_close(cl(x)[0], ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            low = cl(x)
+            (low,) = cl(x)
     assert (low.float() - ref).norm() <= 0.1 * ref.norm()
     disc.train()
 
@@ -215,9 +216,9 @@ def test_paper_cifar_discriminator():
     d = build_discriminator('projected', 32, 3, 10, pretrained=False)
     assert tuple(d.feature_networks) == ('vgg16_bn', 'tf_efficientnet_lite0')
     x = images(batch=1).requires_grad_(True)
-    logits = d(x, one_hot([4], 10))
-    assert logits.shape == (1, 4 * 121 + 4 * 16)  # VGG's maps are 2x larger: 11x11 logits per head
-    logits.sum().backward()
+    vgg, effnet = d(x, one_hot([4], 10))
+    assert vgg.shape == (1, 4 * 121) and effnet.shape == (1, 4 * 16)  # VGG's maps are 2x larger: 11x11 logits per head
+    (vgg.sum() + effnet.sum()).backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
@@ -226,9 +227,9 @@ def test_paper_64x64_discriminator():
     d = build_discriminator('projected', 64, 3, 0, pretrained=False)
     assert tuple(d.feature_networks) == ('deit_base_distilled_patch16_224', 'tf_efficientnet_lite0')
     x = images(batch=1, size=64).requires_grad_(True)
-    logits = d(x)
-    assert logits.shape == (1, 2 * 4 * 16)
-    logits.sum().backward()
+    deit, effnet = d(x)
+    assert deit.shape == effnet.shape == (1, 4 * 16)
+    (deit.sum() + effnet.sum()).backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     r1_penalty(d, x).backward()  # double backward through DeiT's attention
     assert torch.isfinite(d.heads['deit_base_distilled_patch16_224'][0].out.parametrizations.weight.original.grad).all()
