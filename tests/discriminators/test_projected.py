@@ -1,12 +1,16 @@
-"""Projected discriminator: shapes, frozen backbones, gradients to the input, fixed projections, conditioning."""
+"""Projected discriminator: shapes, frozen backbones, gradients to the input, fixed projections, conditioning,
+each backbone's share of the GAN losses."""
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from d2o_fast.discriminators import DiscriminatorConfigError, ProjectedDiscriminator, build_discriminator, logit_parts
-from d2o_fast.discriminators.projected import (input_affine, prepare_backbone_input,
+from d2o_fast.discriminators.projected import (ScaleHead, input_affine, prepare_backbone_input,
                                                prepare_backbone_input_reference)
+from d2o_fast.engine.gan import discriminator_loss, generator_loss
 
 EFFNET = ('tf_efficientnet_lite0',)  # the cheap backbone; VGG/DeiT at 224 are in the slow tests
 SMALL = dict(pretrained=False, input_size=128)  # backbone input 128 instead of 224: 3x cheaper, 1x1 logit maps
@@ -207,6 +211,88 @@ def test_channels_last_bf16_autocast_close_to_fp32(disc):
             (low,) = cl(x)
     assert (low.float() - ref).norm() <= 0.1 * ref.norm()
     disc.train()
+
+@pytest.mark.parametrize('shape', [(512, 64, 4, 4), (1, 512, 4, 4)])  # a head's down block and its output conv
+def test_spectral_norm_reaches_the_authors_sigma(shape):
+    """The heads' spectral norm (15 power steps at construction, one per train-mode call) and the authors'
+    torch.nn.utils.spectral_norm (random start, one step per call) on the same weights: theirs starts low, and
+    after 300 calls both divide by the largest singular value."""
+    torch.manual_seed(0)
+    head = ScaleHead(64, 16).double()
+    ours = next(m for m in head.modules() if isinstance(m, torch.nn.Conv2d) and tuple(m.weight.shape) == shape)
+    theirs = torch.nn.Conv2d(shape[1], shape[0], 4).double()
+    with torch.no_grad():
+        theirs.weight.copy_(ours.parametrizations.weight.original)
+    theirs = torch.nn.utils.spectral_norm(theirs)
+    w = theirs.weight_orig.detach()
+    sigma = torch.linalg.matrix_norm(w.flatten(1), ord=2).item()
+    x = torch.zeros(1, shape[1], 4, 4, dtype=torch.float64)
+
+    def estimates():
+        with torch.no_grad():
+            ours_w = ours.weight  # a train-mode call: one power step
+            theirs(x)
+        return (w / ours_w).flatten()[0].item(), (w / theirs.weight).flatten()[0].item()
+    first = estimates()
+    if shape[0] > 1:
+        assert abs(first[0] / sigma - 1) < 0.05 < abs(first[1] / sigma - 1)
+    for _ in range(299):
+        last = estimates()
+    assert last == pytest.approx((sigma, sigma), rel=1e-5)
+
+#----------------------------------------------------------------------------
+# Each backbone's share of the GAN losses.
+
+def hand_shares(parts, sign):
+    """Each part's share of sum |d loss / d logits| for mean_i sum_b mean_k softplus(sign * l), in float64:
+    |d loss / d l[b][i][k]| = sigmoid(sign * l) / (B * K_b)."""
+    totals = []
+    for part in parts:
+        batch, width = part.shape
+        totals.append(sum(1 / (1 + math.exp(-sign * v)) for v in part.double().flatten().tolist()) / (batch * width))
+    return [t / sum(totals) for t in totals]
+
+
+def loss_shares(loss_fn, parts):
+    parts = [p.detach().requires_grad_(True) for p in parts]
+    loss_fn(parts).backward()
+    totals = [p.grad.abs().sum().item() for p in parts]
+    return [t / sum(totals) for t in totals]
+
+
+def check_backbone_shares(d, size, widths, c_dim):
+    g = torch.Generator().manual_seed(4)
+    fake, real = (torch.rand(2, 3, size, size, generator=g) * 2 - 1 for _ in range(2))
+    c = F.one_hot(torch.tensor([0, c_dim - 1]), c_dim).float() if c_dim else None
+    with torch.no_grad():
+        fake_logits, real_logits = d(fake, c), d(real, c)
+    assert [tuple(p.shape) for p in fake_logits] == [(2, k) for k in widths]  # one [B, K_b] part per backbone
+    cases = [(generator_loss, fake_logits, -1),
+             (lambda p: discriminator_loss(p, real_logits), fake_logits, +1),
+             (lambda p: discriminator_loss(fake_logits, p), real_logits, -1)]
+    for loss_fn, parts, sign in cases:
+        expected = hand_shares(parts, sign)
+        assert loss_shares(loss_fn, parts) == pytest.approx(expected, rel=1e-5)
+        if len(widths) > 1:  # each backbone carries about 1 / n (logits near 0), far from its share of the logits
+            assert all(abs(s - 1 / len(widths)) < 0.2 / len(widths) for s in expected)
+
+
+@pytest.mark.parametrize('c_dim', [0, 3])
+@pytest.mark.parametrize('backbones,widths', [(EFFNET, (4,)), (('vgg16_bn',) + EFFNET, (100, 4))])
+def test_loss_gradient_shares_per_backbone(backbones, widths, c_dim):
+    """At input 128: tf_efficientnet_lite0 gives 4 heads of 1x1 logits, vgg16_bn 4 heads of 5x5."""
+    torch.manual_seed(0)
+    d = ProjectedDiscriminator(backbones, c_dim=c_dim, **SMALL).train()
+    check_backbone_shares(d, 32, widths, c_dim)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('c_dim', [0, 3])
+def test_loss_gradient_shares_three_backbones(c_dim):
+    torch.manual_seed(0)
+    d = ProjectedDiscriminator(('vgg16_bn', 'deit_base_distilled_patch16_224') + EFFNET, c_dim=c_dim,
+                               pretrained=False).train()
+    check_backbone_shares(d, 32, (484, 64, 64), c_dim)
 
 #----------------------------------------------------------------------------
 # Full-size configurations of the paper (slow on 2 CPU cores).
