@@ -17,14 +17,19 @@ from torch.nn.functional import softplus
 from d2o_fast.discriminators import logit_parts
 
 
+def _fp32_or_wider(t):
+    """Losses run in float32 at least (bf16 / fp16 logits are promoted; float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _per_sample(logits, fn):
     """[B] loss per sample: sum over parts of the mean over each part's logits."""
-    return sum(fn(p.float()).reshape(p.shape[0], -1).mean(dim=1) for p in logit_parts(logits))
+    return sum(fn(_fp32_or_wider(p)).reshape(p.shape[0], -1).mean(dim=1) for p in logit_parts(logits))
 
 
 def mean_logit(logits):
     """Mean over all logits of all parts (a statistic for the log, not a loss)."""
-    return torch.cat([p.detach().float().reshape(p.shape[0], -1) for p in logit_parts(logits)], dim=1).mean()
+    return torch.cat([_fp32_or_wider(p.detach()).reshape(p.shape[0], -1) for p in logit_parts(logits)], dim=1).mean()
 
 
 def generator_loss(fake_logits):
@@ -39,6 +44,6 @@ def r1_penalty(discriminator, real, labels):
     """Per-sample |grad_x sum D(x)|^2 at the real images (create_graph so it can be trained on)."""
     real = real.detach().requires_grad_(True)
     logits = discriminator(real, labels)
-    total = sum(p.float().sum() for p in logit_parts(logits))
+    total = sum(_fp32_or_wider(p).sum() for p in logit_parts(logits))
     (grad,) = torch.autograd.grad(outputs=[total], inputs=[real], create_graph=True, only_inputs=True)
     return grad.square().sum(dim=[1, 2, 3])
