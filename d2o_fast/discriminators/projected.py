@@ -40,10 +40,11 @@ BACKBONE_INPUT_SIZE = 224
 # Input preparation: [-1, 1] image -> normalised 224x224 backbone input.
 
 def input_affine(mean, std):
-    """(scale, shift) with x * scale + shift == ((x + 1) / 2 - mean) / std, per channel, as [1, C, 1, 1]."""
+    """(scale, shift) with x * scale + shift == ((x + 1) / 2 - mean) / std, per channel, as float64 [1, C, 1, 1]
+    (cast to the input's dtype at use, so that a float64 discriminator normalises exactly)."""
     mean, std = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
     scale, shift = 0.5 / std, (0.5 - mean) / std
-    return scale.float().view(1, -1, 1, 1), shift.float().view(1, -1, 1, 1)
+    return scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
 
 
 def prepare_backbone_input(img, scale, shift, size=BACKBONE_INPUT_SIZE):
