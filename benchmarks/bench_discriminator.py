@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from d2o_fast.discriminators import build_discriminator
+from d2o_fast.discriminators import build_discriminator, logit_parts
 
 
 def time_discriminator(d, img, c, bf16, backward, warmup, iters):
@@ -22,7 +22,7 @@ def time_discriminator(d, img, c, bf16, backward, warmup, iters):
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16), torch.set_grad_enabled(backward):
             logits = d(x, c)
         if backward:
-            torch.autograd.grad(logits.float().sum(), [x])
+            torch.autograd.grad(sum(p.float().sum() for p in logit_parts(logits)), [x])
     for _ in range(warmup):
         step()
     times = []

@@ -19,6 +19,12 @@ DEFAULT_BACKBONES = {
 DISCRIMINATOR_KINDS = ('projected', 'stylegan2')
 
 
+def logit_parts(logits):
+    """A discriminator's output as a list of logit tensors [B, ...]: one per feature network of the projected
+    discriminator (it returns a tuple), or the single tensor of the StyleGAN2 discriminator."""
+    return list(logits) if isinstance(logits, (list, tuple)) else [logits]
+
+
 def build_discriminator(kind, img_resolution, img_channels=3, c_dim=0, **kwargs):
     """A discriminator by kind: 'projected' (kwargs of ProjectedDiscriminator) or 'stylegan2'.
 
@@ -45,6 +51,6 @@ def build_discriminator(kind, img_resolution, img_channels=3, c_dim=0, **kwargs)
     return d
 
 
-__all__ = ['build_discriminator', 'DISCRIMINATOR_KINDS', 'DEFAULT_BACKBONES', 'ProjectedDiscriminator',
+__all__ = ['build_discriminator', 'logit_parts', 'DISCRIMINATOR_KINDS', 'DEFAULT_BACKBONES', 'ProjectedDiscriminator',
            'StyleGAN2Discriminator', 'BACKBONES', 'build_backbone', 'fold_batchnorm', 'load_backbone_weights',
            'DiscriminatorConfigError', 'BackboneWeightsError']

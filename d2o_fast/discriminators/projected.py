@@ -5,8 +5,16 @@ affine + one interpolate) -> frozen feature network (4 scales) -> fixed random
 cross-channel mixing (1x1 convs, CCM) and cross-scale mixing (top-down add, x2 bilinear
 upsample, 1x1 conv, CSM) -> one small trainable head per scale (spectral-norm 4x4 stride-2
 convs, BatchNorm, LeakyReLU 0.2) giving a map of logits. Conditional heads project their
-output onto a learned class embedding. Logits of all heads of all backbones are flattened
-and concatenated: [B, K].
+output onto a learned class embedding. The output is one logits tensor per backbone, [B, K_b]
+(its heads' maps flattened and concatenated), so that the loss can weigh every backbone
+equally whatever its number of logits, as the authors' loss does (engine/gan.py).
+
+The heads' spectral norms are PyTorch's parametrization: 15 power iterations at construction,
+then one per call in train mode. The authors' torch.nn.utils.spectral_norm starts from random
+vectors without warm-up (one iteration per call, v before u). Both are the same power
+iteration on the same weights and reach the same sigma once converged (within a few hundred
+calls: benchmarks/results/authors_discriminator.md); the warm-up only spares the first calls
+an underestimated sigma.
 
 The random projections (and the ViT token readout of DeiT) are drawn from a generator
 seeded by (projection_seed, backbone name) and stored as buffers, so they are in the state
@@ -32,10 +40,11 @@ BACKBONE_INPUT_SIZE = 224
 # Input preparation: [-1, 1] image -> normalised 224x224 backbone input.
 
 def input_affine(mean, std):
-    """(scale, shift) with x * scale + shift == ((x + 1) / 2 - mean) / std, per channel, as [1, C, 1, 1]."""
+    """(scale, shift) with x * scale + shift == ((x + 1) / 2 - mean) / std, per channel, as float64 [1, C, 1, 1]
+    (cast to the input's dtype at use, so that a float64 discriminator normalises exactly)."""
     mean, std = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
     scale, shift = 0.5 / std, (0.5 - mean) / std
-    return scale.float().view(1, -1, 1, 1), shift.float().view(1, -1, 1, 1)
+    return scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
 
 
 def prepare_backbone_input(img, scale, shift, size=BACKBONE_INPUT_SIZE):
@@ -53,7 +62,8 @@ def prepare_backbone_input(img, scale, shift, size=BACKBONE_INPUT_SIZE):
 def prepare_backbone_input_reference(img, mean, std, size=BACKBONE_INPUT_SIZE):
     """Reference: the step-by-step order of the authors' code (map to [0,1], normalise, resize)."""
     x = (img + 1) / 2
-    x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    mean, std = (torch.tensor(v, dtype=img.dtype, device=img.device).view(1, -1, 1, 1) for v in (mean, std))
+    x = (x - mean) / std
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
     return x
@@ -299,14 +309,14 @@ class ProjectedDiscriminator(nn.Module):
             raise DiscriminatorConfigError(f'unconditional discriminator (c_dim=0) got labels of shape {tuple(c.shape)}')
 
     def forward(self, img, c=None, reference=False):
-        """img [B, 3, H, W] in [-1, 1], c one-hot [B, c_dim] or None -> logits [B, K]."""
+        """img [B, 3, H, W] in [-1, 1], c one-hot [B, c_dim] or None -> tuple of logits [B, K_b], one per backbone."""
         self.check_inputs(img, c)
         c = c if self.c_dim else None
         logits = []
         for name, fnet in self.feature_networks.items():
             feats = fnet(img, channels_last=self.channels_last, reference=reference)
-            logits += [head(f, c) for head, f in zip(self.heads[name], feats)]
-        return torch.cat(logits, dim=1)
+            logits.append(torch.cat([head(f, c) for head, f in zip(self.heads[name], feats)], dim=1))
+        return tuple(logits)
 
     def forward_pair(self, img_a, img_b, c_a=None, c_b=None):
         """(forward(img_a, c_a), forward(img_b, c_b)), identical to the two calls in this order, with the frozen
@@ -324,7 +334,10 @@ class ProjectedDiscriminator(nn.Module):
         logits_a, logits_b = [], []
         for name, fnet in self.feature_networks.items():
             feats = fnet(torch.cat([img_a, img_b.to(img_a.dtype)]), channels_last=self.channels_last)
+            heads_a, heads_b = [], []
             for head, f in zip(self.heads[name], feats):
-                logits_a.append(head(f[:n], c_a))
-                logits_b.append(head(f[n:], c_b))
-        return torch.cat(logits_a, dim=1), torch.cat(logits_b, dim=1)
+                heads_a.append(head(f[:n], c_a))
+                heads_b.append(head(f[n:], c_b))
+            logits_a.append(torch.cat(heads_a, dim=1))
+            logits_b.append(torch.cat(heads_b, dim=1))
+        return tuple(logits_a), tuple(logits_b)

@@ -19,10 +19,15 @@ from d2o_fast.nets import ARCHITECTURES
 from d2o_fast.nets.freeze import FREEZE_KEYS
 from d2o_fast.ops import BACKENDS as KERNEL_BACKENDS
 
-# The authors' GAN loss is summed over the images of one GPU (their discriminator returns one logit row per
-# image and the loss sums the per-row means), while R1 is averaged over images. This project averages both
-# over the batch so that results do not depend on the number of GPUs; their gamma = 1e-4 at 64 images per GPU
-# (batch 256 on 4 GPUs) is therefore gamma = 1e-4 / 64 here, which keeps R1's weight relative to the GAN loss.
+# R1's weight relative to the GAN loss, as in the authors' runs (n = 64 images per GPU: batch 256 on 4 GPUs).
+# Their loss on one GPU, with logits l[b, i, k] of feature network b, image i, position k (K_b per network):
+#   GAN = sum_i sum_b mean_k softplus(+-l[b, i, k])                  summed over the GPU's n images
+#   R1  = 16 * gamma / 2 * mean_i |d(sum_{b,k} l[b, i, k]) / dx_i|^2   averaged over the images, gamma = 1e-4
+# and DDP averages the GPUs' gradients, so over the global batch their gradient is n x that of the image mean
+# for the GAN term and that of the image mean for R1. Here both terms are image means (a run does not depend on
+# the number of GPUs): GAN = mean_i sum_b mean_k softplus(+-l), R1 = 16 * gamma / 2 * mean_i |...|^2. The ratio
+# R1 : GAN is theirs when gamma = 1e-4 / n = 1e-4 / 64. The common 1/n of both terms leaves Adam's steps
+# unchanged (Adam is invariant to a gradient scale, up to its eps of 1e-8).
 AUTHORS_R1_GAMMA = 1e-4
 AUTHORS_IMAGES_PER_GPU = 64
 

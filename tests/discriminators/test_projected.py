@@ -1,12 +1,16 @@
-"""Projected discriminator: shapes, frozen backbones, gradients to the input, fixed projections, conditioning."""
+"""Projected discriminator: shapes, frozen backbones, gradients to the input, fixed projections, conditioning,
+each backbone's share of the GAN losses."""
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from d2o_fast.discriminators import DiscriminatorConfigError, ProjectedDiscriminator, build_discriminator
-from d2o_fast.discriminators.projected import (input_affine, prepare_backbone_input,
+from d2o_fast.discriminators import DiscriminatorConfigError, ProjectedDiscriminator, build_discriminator, logit_parts
+from d2o_fast.discriminators.projected import (ScaleHead, input_affine, prepare_backbone_input,
                                                prepare_backbone_input_reference)
+from d2o_fast.engine.gan import discriminator_loss, generator_loss
 
 EFFNET = ('tf_efficientnet_lite0',)  # the cheap backbone; VGG/DeiT at 224 are in the slow tests
 SMALL = dict(pretrained=False, input_size=128)  # backbone input 128 instead of 224: 3x cheaper, 1x1 logit maps
@@ -31,8 +35,9 @@ def test_logit_shape_and_gradient_to_input():
     d = ProjectedDiscriminator(EFFNET, pretrained=False)
     x = images().requires_grad_(True)
     logits = d(x)
-    assert logits.shape == (2, 4 * 16)  # at 224: 4 heads, 4x4 logit maps each
-    logits.sum().backward()
+    assert isinstance(logits, tuple) and len(logits) == 1  # one logits tensor per backbone
+    assert logits[0].shape == (2, 4 * 16)  # at 224: 4 heads, 4x4 logit maps each
+    logits[0].sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert all(p.grad is None for p in d.feature_networks.parameters())
     assert all(p.grad is not None for p in d.trainable_parameters())
@@ -70,7 +75,7 @@ def test_backbones_stay_in_eval_mode_and_bn_stats_frozen():
 def r1_penalty(d, x, c=None):
     """StyleGAN's R1: |d sum(logits) / d x|^2, differentiable w.r.t. the head parameters."""
     x = x.detach().requires_grad_(True)
-    grad, = torch.autograd.grad(d(x, c).sum(), x, create_graph=True)
+    grad, = torch.autograd.grad(sum(p.sum() for p in logit_parts(d(x, c))), x, create_graph=True)
     return grad.square().sum(dim=[1, 2, 3]).mean()
 
 
@@ -89,7 +94,7 @@ def test_optimizer_step_changes_heads_only(disc):
     opt = torch.optim.Adam(disc.trainable_parameters(), lr=1e-2)
     frozen = {k: v.clone() for k, v in disc.feature_networks.state_dict().items()}
     heads = {k: v.clone() for k, v in disc.heads.state_dict().items()}
-    F.softplus(-disc(images())).mean().backward()
+    F.softplus(-disc(images())[0]).mean().backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     assert all(torch.equal(v, disc.feature_networks.state_dict()[k]) for k, v in frozen.items())
@@ -132,7 +137,7 @@ def test_projections_are_deterministic_buffers_and_resume_exactly():
     c.load_state_dict(a.state_dict())
     a.eval(), c.eval()
     with torch.no_grad():
-        assert torch.equal(a(images()), c(images()))
+        assert all(torch.equal(la, lc) for la, lc in zip(a(images()), c(images())))
 
 
 def test_rebuild_from_build_kwargs_without_weight_files():
@@ -146,7 +151,7 @@ def test_rebuild_from_build_kwargs_without_weight_files():
     a.eval(), b.eval()
     c = one_hot([0, 2], 3)
     with torch.no_grad():
-        assert torch.equal(a(images(), c), b(images(), c))
+        assert all(torch.equal(la, lb) for la, lb in zip(a(images(), c), b(images(), c)))
 
 
 def test_projection_seed_is_per_backbone():
@@ -163,8 +168,8 @@ def test_conditional_projection():
     d = ProjectedDiscriminator(EFFNET, c_dim=5, **SMALL).eval()
     x = images()
     with torch.no_grad():
-        l1 = d(x, one_hot([0, 1], 5))
-        l2 = d(x, one_hot([3, 1], 5))
+        (l1,) = d(x, one_hot([0, 1], 5))
+        (l2,) = d(x, one_hot([3, 1], 5))
     assert l1.shape == (2, 4)
     assert not torch.allclose(l1[0], l2[0]) and torch.allclose(l1[1], l2[1])
     assert len(d.heads[EFFNET[0]][0].class_embedding.embed) == 5
@@ -177,7 +182,7 @@ def test_conditional_projection():
 def test_unconditional_rejects_labels_but_accepts_empty(disc):
     with pytest.raises(DiscriminatorConfigError, match='c_dim=0'):
         disc(images(), one_hot([0, 1], 3))
-    assert disc(images(), torch.zeros(2, 0)).shape == (2, 4)
+    assert disc(images(), torch.zeros(2, 0))[0].shape == (2, 4)
 
 
 def test_bad_configuration_errors():
@@ -200,12 +205,94 @@ def test_channels_last_bf16_autocast_close_to_fp32(disc):
     disc.eval(), cl.eval()
     x = images()
     with torch.no_grad():
-        ref = disc(x)
-        torch.testing.assert_close(cl(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        (ref,) = disc(x)
+        torch.testing.assert_close(cl(x)[0], ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            low = cl(x)
+            (low,) = cl(x)
     assert (low.float() - ref).norm() <= 0.1 * ref.norm()
     disc.train()
+
+@pytest.mark.parametrize('shape', [(512, 64, 4, 4), (1, 512, 4, 4)])  # a head's down block and its output conv
+def test_spectral_norm_reaches_the_authors_sigma(shape):
+    """The heads' spectral norm (15 power steps at construction, one per train-mode call) and the authors'
+    torch.nn.utils.spectral_norm (random start, one step per call) on the same weights: theirs starts low, and
+    after 300 calls both divide by the largest singular value."""
+    torch.manual_seed(0)
+    head = ScaleHead(64, 16).double()
+    ours = next(m for m in head.modules() if isinstance(m, torch.nn.Conv2d) and tuple(m.weight.shape) == shape)
+    theirs = torch.nn.Conv2d(shape[1], shape[0], 4).double()
+    with torch.no_grad():
+        theirs.weight.copy_(ours.parametrizations.weight.original)
+    theirs = torch.nn.utils.spectral_norm(theirs)
+    w = theirs.weight_orig.detach()
+    sigma = torch.linalg.matrix_norm(w.flatten(1), ord=2).item()
+    x = torch.zeros(1, shape[1], 4, 4, dtype=torch.float64)
+
+    def estimates():
+        with torch.no_grad():
+            ours_w = ours.weight  # a train-mode call: one power step
+            theirs(x)
+        return (w / ours_w).flatten()[0].item(), (w / theirs.weight).flatten()[0].item()
+    first = estimates()
+    if shape[0] > 1:
+        assert abs(first[0] / sigma - 1) < 0.05 < abs(first[1] / sigma - 1)
+    for _ in range(299):
+        last = estimates()
+    assert last == pytest.approx((sigma, sigma), rel=1e-5)
+
+#----------------------------------------------------------------------------
+# Each backbone's share of the GAN losses.
+
+def hand_shares(parts, sign):
+    """Each part's share of sum |d loss / d logits| for mean_i sum_b mean_k softplus(sign * l), in float64:
+    |d loss / d l[b][i][k]| = sigmoid(sign * l) / (B * K_b)."""
+    totals = []
+    for part in parts:
+        batch, width = part.shape
+        totals.append(sum(1 / (1 + math.exp(-sign * v)) for v in part.double().flatten().tolist()) / (batch * width))
+    return [t / sum(totals) for t in totals]
+
+
+def loss_shares(loss_fn, parts):
+    parts = [p.detach().requires_grad_(True) for p in parts]
+    loss_fn(parts).backward()
+    totals = [p.grad.abs().sum().item() for p in parts]
+    return [t / sum(totals) for t in totals]
+
+
+def check_backbone_shares(d, size, widths, c_dim):
+    g = torch.Generator().manual_seed(4)
+    fake, real = (torch.rand(2, 3, size, size, generator=g) * 2 - 1 for _ in range(2))
+    c = F.one_hot(torch.tensor([0, c_dim - 1]), c_dim).float() if c_dim else None
+    with torch.no_grad():
+        fake_logits, real_logits = d(fake, c), d(real, c)
+    assert [tuple(p.shape) for p in fake_logits] == [(2, k) for k in widths]  # one [B, K_b] part per backbone
+    cases = [(generator_loss, fake_logits, -1),
+             (lambda p: discriminator_loss(p, real_logits), fake_logits, +1),
+             (lambda p: discriminator_loss(fake_logits, p), real_logits, -1)]
+    for loss_fn, parts, sign in cases:
+        expected = hand_shares(parts, sign)
+        assert loss_shares(loss_fn, parts) == pytest.approx(expected, rel=1e-5)
+        if len(widths) > 1:  # each backbone carries about 1 / n (logits near 0), far from its share of the logits
+            assert all(abs(s - 1 / len(widths)) < 0.2 / len(widths) for s in expected)
+
+
+@pytest.mark.parametrize('c_dim', [0, 3])
+@pytest.mark.parametrize('backbones,widths', [(EFFNET, (4,)), (('vgg16_bn',) + EFFNET, (100, 4))])
+def test_loss_gradient_shares_per_backbone(backbones, widths, c_dim):
+    """At input 128: tf_efficientnet_lite0 gives 4 heads of 1x1 logits, vgg16_bn 4 heads of 5x5."""
+    torch.manual_seed(0)
+    d = ProjectedDiscriminator(backbones, c_dim=c_dim, **SMALL).train()
+    check_backbone_shares(d, 32, widths, c_dim)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('c_dim', [0, 3])
+def test_loss_gradient_shares_three_backbones(c_dim):
+    torch.manual_seed(0)
+    d = ProjectedDiscriminator(('vgg16_bn', 'deit_base_distilled_patch16_224') + EFFNET, c_dim=c_dim,
+                               pretrained=False).train()
+    check_backbone_shares(d, 32, (484, 64, 64), c_dim)
 
 #----------------------------------------------------------------------------
 # Full-size configurations of the paper (slow on 2 CPU cores).
@@ -215,9 +302,9 @@ def test_paper_cifar_discriminator():
     d = build_discriminator('projected', 32, 3, 10, pretrained=False)
     assert tuple(d.feature_networks) == ('vgg16_bn', 'tf_efficientnet_lite0')
     x = images(batch=1).requires_grad_(True)
-    logits = d(x, one_hot([4], 10))
-    assert logits.shape == (1, 4 * 121 + 4 * 16)  # VGG's maps are 2x larger: 11x11 logits per head
-    logits.sum().backward()
+    vgg, effnet = d(x, one_hot([4], 10))
+    assert vgg.shape == (1, 4 * 121) and effnet.shape == (1, 4 * 16)  # VGG's maps are 2x larger: 11x11 logits per head
+    (vgg.sum() + effnet.sum()).backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
@@ -226,9 +313,9 @@ def test_paper_64x64_discriminator():
     d = build_discriminator('projected', 64, 3, 0, pretrained=False)
     assert tuple(d.feature_networks) == ('deit_base_distilled_patch16_224', 'tf_efficientnet_lite0')
     x = images(batch=1, size=64).requires_grad_(True)
-    logits = d(x)
-    assert logits.shape == (1, 2 * 4 * 16)
-    logits.sum().backward()
+    deit, effnet = d(x)
+    assert deit.shape == effnet.shape == (1, 4 * 16)
+    (deit.sum() + effnet.sum()).backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     r1_penalty(d, x).backward()  # double backward through DeiT's attention
     assert torch.isfinite(d.heads['deit_base_distilled_patch16_224'][0].out.parametrizations.weight.original.grad).all()
