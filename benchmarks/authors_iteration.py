@@ -11,9 +11,11 @@ What is adapted at run time (their files are not modified):
     them with random weights (nothing can be downloaded; the time does not depend on the values).
   - precision: their D2OPrecond runs the U-Net in bf16 only on CUDA (train.sh's --fp16=True); on a CPU their code
     runs it in fp32. Path 'fp32' is their code as it runs on a CPU; path 'bf16-unet' casts the U-Net's input to
-    bf16 and its output back to fp32 (forward hooks), which is what their CUDA path does. Their discriminator
-    runs in fp32 on both paths, as in their runs.
+    bf16 and its output back to fp32 (forward hooks), which is what their CUDA path does (on a CPU, PyTorch runs
+    its bf16 FIR resampling convolutions in slow im2col kernels). Their discriminator runs in fp32 on both paths,
+    as in their runs.
   - no DistributedDataParallel wrapper: one process computes what one device of theirs computes.
+  - Adam's betas are given as (0.0, 0.99): torch 2.14 rejects their [0, 0.99] (an int beside a float).
   - their console prints go to stderr.
 """
 

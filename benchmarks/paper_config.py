@@ -5,6 +5,7 @@
     python benchmarks/paper_config.py --authors-src DIR --repeats 2  # each case twice, the order reversed the second time
     python benchmarks/paper_config.py --variant d2o-f --path fastest # one case, printed only
     python benchmarks/paper_config.py --variant d2o-f --side authors --path fp32 --authors-src DIR
+    python benchmarks/paper_config.py --numerics                     # only the bf16 numerics check of our paths
 
 Configuration: NCSN++ generator at full width (edm-cifar10-32x32-uncond-ve, 56.40M parameters), projected
 discriminator with vgg16_bn + tf_efficientnet_lite0 at 224, batch 8, random weights (nothing is downloaded). One
@@ -20,8 +21,11 @@ Our paths (`OUR_PATHS`, config overrides of the real D2OTrainer):
            frozen backbones in the D step (heads per half, so the logits are those of two calls).
 The authors' paths (`authors_iteration.PATHS`; their code driven as their training loop does, see
 benchmarks/authors_iteration.py for what is adapted at run time):
-  fp32       their code as it runs on a CPU (their D2OPrecond takes bf16 only on CUDA).
-  bf16-unet  their U-Net in bf16 as on their GPUs (train.sh's --fp16=True); their discriminator stays fp32.
+  fp32       their code as it runs on a CPU (their D2OPrecond takes bf16 only on CUDA). The default.
+  bf16-unet  their U-Net in bf16 as on their GPUs (train.sh's --fp16=True); their discriminator stays fp32. Opt-in
+             (--authors-paths fp32,bf16-unet): on a CPU, PyTorch runs their bf16 FIR resampling (grouped and
+             transposed convolutions) in its slow im2col kernels, so this path is many times slower than their fp32
+             one and says nothing about their code on a GPU.
 
 The peer, --authors-src DIR: a checkout of https://github.com/Zyriix/D2O that the user fetches (nothing of it is in
 this repository). Its pinned timm 0.5.4 needs torch 2.14.1 + torchvision 0.29.1, so the whole run (our cases and
@@ -67,6 +71,7 @@ PATHS = tuple(OUR_PATHS)
 SIDES = {'ours': OUR_PATHS, 'authors': authors_iteration.PATHS}  # side -> its paths
 GENERATOR_CHECKPOINT = 'edm-cifar10-32x32-uncond-ve'
 BACKBONES = ('vgg16_bn', 'tf_efficientnet_lite0')
+DEFAULT_AUTHORS_PATHS = 'fp32'
 PHASES = {'G': 'generator_phase', 'D': 'discriminator_phase'}  # what each side's step() calls, timed separately
 
 #----------------------------------------------------------------------------
@@ -336,13 +341,11 @@ def numerics_check(seeds=(0, 1, 2), steps=20, batch=4, threads=2):
 #----------------------------------------------------------------------------
 # The table (parent process): each case in its own interpreter.
 
-def schedule(variants, authors, repeat):
+def schedule(variants, authors_paths, repeat):
     """Cases of one repeat, ours and theirs alternating within each variant; odd repeats run in reverse order."""
     order = []
     for variant in variants:
-        sides = [[('ours', variant, p) for p in OUR_PATHS]]
-        if authors:
-            sides.append([('authors', variant, p) for p in authors_iteration.PATHS])
+        sides = [[('ours', variant, p) for p in OUR_PATHS], [('authors', variant, p) for p in authors_paths]]
         order += [case for pair in itertools.zip_longest(*sides) for case in pair if case]
     return order[::-1] if repeat % 2 else order
 
@@ -378,9 +381,9 @@ def git_commit(directory):
     """HEAD of the git checkout at `directory` (+ ' (modified)' if its tracked files differ), or None."""
     def git(*args):
         return subprocess.run(['git', '-C', str(directory), *args], capture_output=True, text=True)
-    head = git('rev-parse', 'HEAD')
-    if head.returncode:
-        return None
+    top, head = git('rev-parse', '--show-toplevel'), git('rev-parse', 'HEAD')
+    if top.returncode or head.returncode or pathlib.Path(top.stdout.strip()).resolve() != pathlib.Path(directory).resolve():
+        return None  # not a checkout of its own (an unpacked archive, or a folder inside another repository)
     dirty = git('status', '--porcelain', '--untracked-files=no').stdout.strip()
     return head.stdout.strip() + (' (modified)' if dirty else '')
 
@@ -491,6 +494,9 @@ def main():
     p.add_argument('--path', choices=sorted({path for paths in SIDES.values() for path in paths}))
     p.add_argument('--side', choices=sorted(SIDES), default='ours', help='with --variant/--path: whose code runs')
     p.add_argument('--authors-src', metavar='DIR', help='a checkout of github.com/Zyriix/D2O: measure it in the same run')
+    p.add_argument('--authors-paths', default=DEFAULT_AUTHORS_PATHS, metavar='LIST',
+                   help=f'their paths to run, comma-separated, of {", ".join(authors_iteration.PATHS)} '
+                        f'(default: {DEFAULT_AUTHORS_PATHS})')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--iters', type=int, default=2, help='timed iterations per case (after one warm-up)')
     p.add_argument('--repeats', type=int, default=1, help='run every case this many times, alternating the order')
@@ -501,6 +507,11 @@ def main():
     for name in ('batch', 'iters', 'repeats', 'threads'):
         if getattr(a, name) < 1:
             p.error(f'--{name} must be at least 1')
+    authors_paths = [path for path in a.authors_paths.split(',') if path]
+    unknown = [path for path in authors_paths if path not in authors_iteration.PATHS]
+    if unknown or not authors_paths:
+        p.error(f'--authors-paths {a.authors_paths}: expected a comma-separated list of '
+                f'{", ".join(authors_iteration.PATHS)}')
     authors_src = None
     if a.authors_src:
         try:
@@ -532,7 +543,7 @@ def main():
     results = []
     load_start = os.getloadavg()
     for repeat in range(a.repeats):
-        for side, variant, path in schedule(VARIANTS, authors_src is not None, repeat):
+        for side, variant, path in schedule(VARIANTS, authors_paths if authors_src else [], repeat):
             try:
                 r = run_in_subprocess(side, variant, path, a.batch, a.iters, a.threads, authors_src)
             except CaseFailed as e:

@@ -92,12 +92,14 @@ def test_ratios_pair_every_path_of_ours_with_every_path_of_theirs(small_runs):
 
 
 def test_schedule_interleaves_ours_and_theirs_and_alternates_the_order():
-    first = paper_config.schedule(paper_config.VARIANTS, authors=True, repeat=0)
+    first = paper_config.schedule(paper_config.VARIANTS, ['fp32', 'bf16-unet'], repeat=0)
     assert first[:4] == [('ours', 'd2o', 'eager'), ('authors', 'd2o', 'fp32'), ('ours', 'd2o', 'fastest'),
                          ('authors', 'd2o', 'bf16-unet')]
     assert len(first) == len(set(first)) == 2 * (len(paper_config.OUR_PATHS) + 2)
-    assert paper_config.schedule(paper_config.VARIANTS, authors=True, repeat=1) == first[::-1]
-    assert all(side == 'ours' for side, _, _ in paper_config.schedule(paper_config.VARIANTS, authors=False, repeat=0))
+    assert paper_config.schedule(paper_config.VARIANTS, ['fp32', 'bf16-unet'], repeat=1) == first[::-1]
+    one = paper_config.schedule(paper_config.VARIANTS, ['fp32'], repeat=0)
+    assert one[:3] == [('ours', 'd2o', 'eager'), ('authors', 'd2o', 'fp32'), ('ours', 'd2o', 'fastest')]
+    assert all(side == 'ours' for side, _, _ in paper_config.schedule(paper_config.VARIANTS, [], repeat=0))
 
 
 @pytest.mark.parametrize('args, message', [
@@ -106,6 +108,7 @@ def test_schedule_interleaves_ours_and_theirs_and_alternates_the_order():
     (['--variant', 'd2o', '--path', 'fp32'], "is not a path of side 'ours'"),
     (['--variant', 'd2o', '--path', 'fp32', '--side', 'authors'], 'needs --authors-src'),
     (['--iters', '0'], '--iters must be at least 1'),
+    (['--authors-paths', 'fp32,fp16'], '--authors-paths fp32,fp16: expected'),
 ])
 def test_bad_arguments_exit_with_a_message(args, message, tmp_path):
     done = subprocess.run([sys.executable, paper_config.__file__, *args], capture_output=True, text=True,
