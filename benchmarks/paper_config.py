@@ -18,7 +18,9 @@ Our paths (`OUR_PATHS`, config overrides of the real D2OTrainer):
            D step's fakes and reals in two discriminator calls.
   fastest  the same computation with the engine's speed options: bf16 autocast in the U-Net (as the authors ran
            it) and through the discriminator, channels_last discriminator, fakes and reals in one pass of the
-           frozen backbones in the D step (heads per half, so the logits are those of two calls).
+           frozen backbones in the D step (heads per half, so the logits are those of two calls). bf16 is fast
+           only where oneDNN runs bf16 convolutions (AVX512-BF16 / AMX CPUs); elsewhere PyTorch falls back to its
+           reference im2col kernels, many times slower than fp32. The report says which this CPU is.
 The authors' paths (`authors_iteration.PATHS`; their code driven as their training loop does, see
 benchmarks/authors_iteration.py for what is adapted at run time):
   fp32       their code as it runs on a CPU (their D2OPrecond takes bf16 only on CUDA). The default.
@@ -341,11 +343,18 @@ def numerics_check(seeds=(0, 1, 2), steps=20, batch=4, threads=2):
 #----------------------------------------------------------------------------
 # The table (parent process): each case in its own interpreter.
 
-def schedule(variants, authors_paths, repeat):
+def path_list(parser, option, text, known):
+    paths = [path for path in text.split(',') if path]
+    if not paths or any(path not in known for path in paths):
+        parser.error(f'{option} {text}: expected a comma-separated list of {", ".join(known)}')
+    return paths
+
+
+def schedule(variants, our_paths, authors_paths, repeat):
     """Cases of one repeat, ours and theirs alternating within each variant; odd repeats run in reverse order."""
     order = []
     for variant in variants:
-        sides = [[('ours', variant, p) for p in OUR_PATHS], [('authors', variant, p) for p in authors_paths]]
+        sides = [[('ours', variant, p) for p in our_paths], [('authors', variant, p) for p in authors_paths]]
         order += [case for pair in itertools.zip_longest(*sides) for case in pair if case]
     return order[::-1] if repeat % 2 else order
 
@@ -441,6 +450,10 @@ def write_results(results, meta, numerics=None):
              f'torch {meta.get("torch", "?")}, {meta["threads"]} threads, commit {meta.get("commit")}. '
              f'Command: `{meta["command"]}`', '',
              f'Config: {meta["config"]}', '', f'd2o_fast kernels: {"; ".join(kernels) or "-"}', '']
+    if 'onednn_bf16' in meta:
+        lines += [f'CPU kernels: {meta["cpu_capability"]}, oneDNN bf16 '
+                  + ('supported.' if meta['onednn_bf16'] else '**not supported**: every bf16 convolution (our fastest '
+                     'path, their bf16-unet path) runs in PyTorch\'s reference im2col kernels on this CPU.'), '']
     if meta.get('authors_src'):
         lines += [f'Peer: the authors\' code from `{meta["authors_src"]}` (commit {meta.get("authors_commit") or "unknown: not a git checkout"}), '
                   'run by benchmarks/authors_iteration.py in the same interpreter, threads and batch, cases interleaved.', '']
@@ -475,10 +488,18 @@ def load_previous():
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def cpu_facts():
+    """The CPU kernels torch picks here: its vector ISA, and whether oneDNN runs bf16 (else bf16 convolutions run
+    in PyTorch's reference im2col kernels, many times slower than fp32)."""
+    import torch
+    return dict(cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                onednn_bf16=bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+
+
 def run_meta(args, authors_src):
     import torch
     meta = dict(device=device_description(), machine=platform.platform(), python=platform.python_version(),
-                torch=torch.__version__, threads=args.threads, command='python ' + ' '.join(sys.argv),
+                torch=torch.__version__, **cpu_facts(), threads=args.threads, command='python ' + ' '.join(sys.argv),
                 commit=git_commit(REPO_DIR), iters=args.iters, repeats=args.repeats,
                 config=f'NCSN++ {GENERATOR_CHECKPOINT} (random weights), projected D {"+".join(BACKBONES)} at 224, '
                        f'batch {args.batch}, R1 every 16 steps, {args.iters} timed iterations after 1 warm-up, '
@@ -494,6 +515,8 @@ def main():
     p.add_argument('--path', choices=sorted({path for paths in SIDES.values() for path in paths}))
     p.add_argument('--side', choices=sorted(SIDES), default='ours', help='with --variant/--path: whose code runs')
     p.add_argument('--authors-src', metavar='DIR', help='a checkout of github.com/Zyriix/D2O: measure it in the same run')
+    p.add_argument('--paths', default=','.join(OUR_PATHS), metavar='LIST',
+                   help=f'our paths to run, comma-separated, of {", ".join(OUR_PATHS)} (default: all)')
     p.add_argument('--authors-paths', default=DEFAULT_AUTHORS_PATHS, metavar='LIST',
                    help=f'their paths to run, comma-separated, of {", ".join(authors_iteration.PATHS)} '
                         f'(default: {DEFAULT_AUTHORS_PATHS})')
@@ -507,11 +530,8 @@ def main():
     for name in ('batch', 'iters', 'repeats', 'threads'):
         if getattr(a, name) < 1:
             p.error(f'--{name} must be at least 1')
-    authors_paths = [path for path in a.authors_paths.split(',') if path]
-    unknown = [path for path in authors_paths if path not in authors_iteration.PATHS]
-    if unknown or not authors_paths:
-        p.error(f'--authors-paths {a.authors_paths}: expected a comma-separated list of '
-                f'{", ".join(authors_iteration.PATHS)}')
+    our_paths = path_list(p, '--paths', a.paths, OUR_PATHS)
+    authors_paths = path_list(p, '--authors-paths', a.authors_paths, authors_iteration.PATHS)
     authors_src = None
     if a.authors_src:
         try:
@@ -543,7 +563,7 @@ def main():
     results = []
     load_start = os.getloadavg()
     for repeat in range(a.repeats):
-        for side, variant, path in schedule(VARIANTS, authors_paths if authors_src else [], repeat):
+        for side, variant, path in schedule(VARIANTS, our_paths, authors_paths if authors_src else [], repeat):
             try:
                 r = run_in_subprocess(side, variant, path, a.batch, a.iters, a.threads, authors_src)
             except CaseFailed as e:

@@ -91,15 +91,52 @@ def test_ratios_pair_every_path_of_ours_with_every_path_of_theirs(small_runs):
     assert r['flops'] == pytest.approx(small_runs['eager']['flops']['per_iteration'] / 1e12)
 
 
+def test_a_run_with_a_peer_writes_the_ratios(small_runs, tmp_path, monkeypatch, capsys):
+    """main() with --authors-src: every case of the schedule runs (here: canned results in place of the child
+    processes), the report names the peer and gives ours / theirs for every pair of paths."""
+    checkout = tmp_path / 'authors'
+    for name in paper_config.authors_iteration.REQUIRED_FILES:
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / name).touch()
+    ran = []
+
+    def fake_case(side, variant, path, batch, iters, threads, authors_src=None):
+        ran.append((side, variant, path))
+        base = small_runs['eager' if side == 'authors' else path]
+        slower = 3.0 if side == 'authors' else 1.0
+        return dict(base, side=side, variant=variant, path=path, s_per_it=base['s_per_it'] * slower,
+                    img_per_s=base['img_per_s'] / slower)
+    monkeypatch.setattr(paper_config, 'run_in_subprocess', fake_case)
+    monkeypatch.setattr(paper_config, 'RESULTS_DIR', tmp_path / 'results')
+    monkeypatch.setattr(sys, 'argv', ['paper_config.py', '--authors-src', str(checkout), '--repeats', '2'])
+    paper_config.main()
+    ours = list(paper_config.OUR_PATHS)
+    assert ran == paper_config.schedule(paper_config.VARIANTS, ours, ['fp32'], 0) + paper_config.schedule(
+        paper_config.VARIANTS, ours, ['fp32'], 1)
+    saved = json.loads((tmp_path / 'results' / 'paper_config.json').read_text())
+    assert saved['authors_src'] == str(checkout.resolve()) and saved['authors_commit'] is None
+    assert saved['cpu_capability'] == torch.backends.cpu.get_cpu_capability() and 'onednn_bf16' in saved
+    assert len(saved['results']) == len(ran) and {t['repeats'] for t in saved['table']} == {2}
+    by_pair = {(r['variant'], r['ours'], r['theirs']): r for r in saved['ratios']}
+    assert set(by_pair) == {(v, o, 'fp32') for v in paper_config.VARIANTS for o in paper_config.PATHS}
+    assert by_pair['d2o', 'eager', 'fp32']['img_per_s'] == pytest.approx(3.0)
+    md = (tmp_path / 'results' / 'paper_config.md').read_text()
+    assert 'CPU kernels: ' in md and 'No peer was measured' not in md and '## Ours / theirs, same run' in md and '| d2o | eager | fp32 | 3.00x |' in md
+    assert 'ours eager    / theirs fp32     : images/s 3.00x' in capsys.readouterr().out
+
+
 def test_schedule_interleaves_ours_and_theirs_and_alternates_the_order():
-    first = paper_config.schedule(paper_config.VARIANTS, ['fp32', 'bf16-unet'], repeat=0)
+    ours = list(paper_config.OUR_PATHS)
+    first = paper_config.schedule(paper_config.VARIANTS, ours, ['fp32', 'bf16-unet'], repeat=0)
     assert first[:4] == [('ours', 'd2o', 'eager'), ('authors', 'd2o', 'fp32'), ('ours', 'd2o', 'fastest'),
                          ('authors', 'd2o', 'bf16-unet')]
     assert len(first) == len(set(first)) == 2 * (len(paper_config.OUR_PATHS) + 2)
-    assert paper_config.schedule(paper_config.VARIANTS, ['fp32', 'bf16-unet'], repeat=1) == first[::-1]
-    one = paper_config.schedule(paper_config.VARIANTS, ['fp32'], repeat=0)
+    assert paper_config.schedule(paper_config.VARIANTS, ours, ['fp32', 'bf16-unet'], repeat=1) == first[::-1]
+    one = paper_config.schedule(paper_config.VARIANTS, ours, ['fp32'], repeat=0)
     assert one[:3] == [('ours', 'd2o', 'eager'), ('authors', 'd2o', 'fp32'), ('ours', 'd2o', 'fastest')]
-    assert all(side == 'ours' for side, _, _ in paper_config.schedule(paper_config.VARIANTS, [], repeat=0))
+    assert all(side == 'ours' for side, _, _ in paper_config.schedule(paper_config.VARIANTS, ours, [], repeat=0))
+    assert paper_config.schedule(['d2o-f'], ['eager'], ['fp32'], repeat=0) == [('ours', 'd2o-f', 'eager'),
+                                                                            ('authors', 'd2o-f', 'fp32')]
 
 
 @pytest.mark.parametrize('args, message', [
@@ -109,6 +146,7 @@ def test_schedule_interleaves_ours_and_theirs_and_alternates_the_order():
     (['--variant', 'd2o', '--path', 'fp32', '--side', 'authors'], 'needs --authors-src'),
     (['--iters', '0'], '--iters must be at least 1'),
     (['--authors-paths', 'fp32,fp16'], '--authors-paths fp32,fp16: expected'),
+    (['--paths', 'eager,compiled'], '--paths eager,compiled: expected'),
 ])
 def test_bad_arguments_exit_with_a_message(args, message, tmp_path):
     done = subprocess.run([sys.executable, paper_config.__file__, *args], capture_output=True, text=True,
