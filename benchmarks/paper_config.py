@@ -492,8 +492,8 @@ def cpu_facts():
     """The CPU kernels torch picks here: its vector ISA, and whether oneDNN runs bf16 (else bf16 convolutions run
     in PyTorch's reference im2col kernels, many times slower than fp32)."""
     import torch
-    return dict(cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                onednn_bf16=bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    from d2o_fast.ops.dispatch import native_bf16
+    return dict(cpu_capability=torch.backends.cpu.get_cpu_capability(), onednn_bf16=native_bf16('cpu'))
 
 
 def run_meta(args, authors_src):
