@@ -4,6 +4,7 @@
 // how the extension was built and lets tests pin the CPU capability.
 
 #include <torch/extension.h>
+#include <torch/version.h>
 
 #include "group_norm_act_cpu.h"
 
@@ -19,10 +20,14 @@
 #else
 #define D2O_FAST_BUILD_KIND "cpu"
 #endif
-// The same facts as one string in the binary, which native.py reads before deciding to load the module (loading a
-// stale module and then a fresh one would register the same torch ops twice).
+#define D2O_FAST_TORCH_VERSION                                                   \
+  D2O_FAST_STRINGIZE(TORCH_VERSION_MAJOR) "." D2O_FAST_STRINGIZE(TORCH_VERSION_MINOR) "." \
+  D2O_FAST_STRINGIZE(TORCH_VERSION_PATCH)
+// The same facts and the torch the module was compiled against, as one string in the binary, which native.py reads
+// before deciding to load the module (loading a stale module and then a fresh one would register the same torch ops
+// twice; a module built against another torch release need not match its C++ ABI).
 extern "C" __attribute__((used)) const char d2o_fast_build_marker[] =
-    "d2o_fast_build:" D2O_FAST_STRINGIZE(D2O_FAST_SOURCE_DIGEST) ":" D2O_FAST_BUILD_KIND;
+    "d2o_fast_build:" D2O_FAST_STRINGIZE(D2O_FAST_SOURCE_DIGEST) ":" D2O_FAST_BUILD_KIND ":torch" D2O_FAST_TORCH_VERSION;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "d2o_fast native kernels (fused GroupNorm + modulation + SiLU)";
@@ -32,6 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = false;
 #endif
   m.attr("source_digest") = D2O_FAST_STRINGIZE(D2O_FAST_SOURCE_DIGEST);
+  m.attr("torch_version") = D2O_FAST_TORCH_VERSION;
   m.def("supported_cpu_capabilities", &d2o_fast::cpu::supported_capabilities,
         "CPU capabilities compiled in and supported by this CPU, best first");
   m.def("active_cpu_capability", &d2o_fast::cpu::active_capability, "CPU capability the op uses now");

@@ -67,16 +67,26 @@ def jit_build(with_cuda=None, verbose=False):
         extra_ldflags=list(LINK_FLAGS), build_directory=_cache_dir(with_cuda, digest), verbose=verbose)
 
 
-BUILD_MARKER = re.compile(rb'd2o_fast_build:([0-9a-f]{12}):(cpu|cuda)')
+BUILD_MARKER = re.compile(rb'd2o_fast_build:([0-9a-f]{12}):(cpu|cuda)(?::torch([0-9]+\.[0-9]+\.[0-9]+))?')
+
+
+def torch_release():
+    """major.minor.patch of the running torch (what the extension's headers call TORCH_VERSION_*)."""
+    return re.match(r'[0-9]+\.[0-9]+\.[0-9]+', torch.__version__).group(0)
 
 
 def _stale_reason(path):
-    """Why the prebuilt d2o_fast._C at `path` must not be loaded (None if it may): built from other kernel sources
-    than the ones beside this package (an editable install whose kernels/ changed since `pip install`). Decided
-    from the build marker compiled into the binary (kernels/extension.cpp), without loading it: two modules that
-    register the same torch ops cannot both be loaded into one process."""
+    """Why the prebuilt d2o_fast._C at `path` must not be loaded (None if it may): built against another torch
+    release than the running one (its C++ ABI need not match), or from other kernel sources than the ones beside
+    this package (an editable install whose kernels/ changed since `pip install`). Decided from the build marker
+    compiled into the binary (kernels/extension.cpp), without loading it: two modules that register the same torch
+    ops cannot both be loaded into one process."""
     found = BUILD_MARKER.search(pathlib.Path(path).read_bytes())
     with_cuda = bool(found) and found.group(2) == b'cuda'
+    built_torch = found.group(3).decode() if found and found.group(3) else None
+    if built_torch != torch_release():
+        return (f'd2o_fast._C was built for torch {built_torch or "(unknown release)"}, '
+                f'this is torch {torch.__version__}')
     if not all((KERNELS_DIR / n).exists() for n in build_sources(with_cuda)):
         return None  # an installed wheel: the module is all there is
     built = found.group(1).decode() if found else 'unknown'

@@ -253,19 +253,28 @@ def test_build_order_puts_the_per_isa_objects_last():
 
 
 def test_a_prebuilt_module_older_than_the_sources_is_not_loaded(monkeypatch, tmp_path):
-    """An editable install's d2o_fast._C built before kernels/ changed: the loader reads the build marker in the
-    binary, does not load it (its torch ops would clash with the fresh build's), warns and JIT-builds instead."""
+    """An editable install's d2o_fast._C built before kernels/ changed, or against another torch release: the loader
+    reads the build marker in the binary, does not load it (its torch ops would clash with the fresh build's; another
+    torch's C++ ABI need not match), warns and JIT-builds instead."""
     module = native.extension()
     if module is None:
         pytest.skip(f'native kernels unavailable: {native.unavailable_reason()}')
     current = native_sources.source_digest(native.KERNELS_DIR, bool(module.with_cuda))
     assert module.source_digest == current
     kind = 'cuda' if module.with_cuda else 'cpu'
-    fresh, stale = tmp_path / 'fresh.so', tmp_path / 'stale.so'
-    fresh.write_bytes(b'\x7fELF...d2o_fast_build:' + current.encode() + b':' + kind.encode() + b'\0...')
-    stale.write_bytes(b'\x7fELF...d2o_fast_build:0123456789ab:' + kind.encode() + b'\0...')
+    assert module.torch_version == native.torch_release()
+
+    def marker(digest, torch_version):
+        path = tmp_path / f'{digest}-{torch_version}.so'
+        path.write_bytes(b'\x7fELF...d2o_fast_build:' + f'{digest}:{kind}{torch_version}'.encode() + b'\0...')
+        return path
+    fresh = marker(current, f':torch{native.torch_release()}')
+    stale = marker('0123456789ab', f':torch{native.torch_release()}')
     assert native._stale_reason(fresh) is None
     assert 'other kernel sources' in native._stale_reason(stale)
+    major, minor, patch = native.torch_release().split('.')
+    for other_torch in (f':torch{major}.{int(minor) + 1}.{patch}', f':torch{major}.{minor}.{int(patch) + 1}', ''):
+        assert 'was built for torch' in native._stale_reason(marker(current, other_torch))
     if native._prebuilt_path() is not None:  # the module the install built carries the current sources' marker
         assert native._stale_reason(native._prebuilt_path()) is None
     monkeypatch.setattr(native, '_state', {'module': None, 'reason': None, 'tried': False})
