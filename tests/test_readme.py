@@ -120,6 +120,21 @@ def test_the_reader_sees_what_it_reads():
                                           ('script', 'benchmarks/paper_config.py', ['--help'])]
 
 
+def test_readme_and_docs_name_existing_files():
+    """Every repository path the README and docs/*.md quote (in backticks or as a link target) exists; study outputs
+    under docs/results/ and patterns (*, <...>, {...}) are not files."""
+    quoted = re.compile(r'(?:`|\]\()((?:\.ci|d2o_fast|docs|benchmarks|tests|kernels)/[^`\s)]*)')
+    missing = []
+    for doc in [REPO / 'README.md', *sorted((REPO / 'docs').glob('*.md'))]:
+        for path in quoted.findall(doc.read_text()):
+            path = path.split('::')[0]
+            if any(c in path for c in '*<{$') or path.startswith('docs/results/'):
+                continue
+            if not (REPO / path).exists():
+                missing.append(f'{doc.name}: {path}')
+    assert not missing, missing
+
+
 #----------------------------------------------------------------------------
 # The preset table, rendered from the registry.
 
