@@ -14,8 +14,8 @@ CPU configuration (small, so the whole suite runs in minutes on 2 cores):
     G: NCSN++ at 32x32, the CIFAR-10 architecture narrowed: model_channels 64 (CIFAR-10: 128), channel_mult
        (2, 2, 2) (CIFAR-10: (2, 2, 2)), 1 block per resolution (CIFAR-10: 4), attention at 16x16, 10 classes.
     D: the from-scratch StyleGAN2 discriminator at the demo's width, channel_max 64; batch 16.
-       The generator is the larger network, as in every real configuration: with G and D equally costly (an
-       earlier version of this benchmark: G at 32 channels, D at 128) the iteration measures mostly D.
+       The generator is the larger network, as in every real configuration: with G and D equally costly (e.g.
+       G at 32 channels, D at 128) the iteration would measure mostly D.
     Beside it: the projected discriminator (vgg16_bn + tf_efficientnet_lite0 at 224, random weights),
        batch 2, D2O-F, eager fp32 vs eager bf16 + fused kernels (compiled too with
        D2O_FAST_BENCH_COMPILE_PROJECTED=1: its backbones take many minutes to compile here).

@@ -99,7 +99,7 @@ def build_parser():
     p = sub.add_parser('ref', help='reference statistics (.npz with mu, sigma) of a dataset')
     p.add_argument('--data', required=True, help='dataset: EDM zip or folder of images')
     p.add_argument('--dest', required=True, help='output .npz')
-    p.add_argument('--detector', help='local inception-2015-12-05 .pt (TorchScript) or .pkl')
+    p.add_argument('--detector', help='local inception-2015-12-05.pt (TorchScript; the .pkl form is refused: it would have to run pickled code)')
     p.add_argument('--batch', type=int, default=64, help='images per detector batch (default 64)')
     p.set_defaults(run=cmd_ref)
 
@@ -108,7 +108,7 @@ def build_parser():
     source.add_argument('--images', help='folder or zip of generated images')
     source.add_argument('--snapshot', help='one-step generator (D2OPrecond) snapshot or pickle')
     p.add_argument('--ref', required=True, help='reference statistics .npz (EDM format)')
-    p.add_argument('--detector', help='local inception-2015-12-05 .pt (TorchScript) or .pkl')
+    p.add_argument('--detector', help='local inception-2015-12-05.pt (TorchScript; the .pkl form is refused: it would have to run pickled code)')
     p.add_argument('--num', type=int, default=FULL_FID_IMAGES, help='number of images (default 50000)')
     p.add_argument('--batch', type=int, default=64, help='images per batch (default 64)')
     p.add_argument('--seeds', help='generator seeds, e.g. 0-49999 (default 0..num-1); overrides --num')

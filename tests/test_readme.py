@@ -1,5 +1,7 @@
 """Every command in README.md's fenced blocks names an entry point, script or path that exists, and flags that
-entry point accepts (read from its --help; choice values given before --help are checked by its parser too)."""
+entry point accepts (read from its --help; choice values given before --help are checked by its parser too).
+The README's preset table is the one `preset_table()` renders from the preset registry
+(`python tests/test_readme.py` prints it)."""
 
 import importlib
 import os
@@ -116,3 +118,45 @@ def test_the_reader_sees_what_it_reads():
     assert [target(c) for c in found] == [None, ('module', 'd2o_fast.train', ['--compile']),
                                           ('module', 'd2o_fast.train', ['--preset', 'cifar10-cond', '--freeze', '1']),
                                           ('script', 'benchmarks/paper_config.py', ['--help'])]
+
+
+def test_readme_and_docs_name_existing_files():
+    """Every repository path the README and docs/*.md quote (in backticks or as a link target) exists; study outputs
+    under docs/results/ and patterns (*, <...>, {...}) are not files."""
+    quoted = re.compile(r'(?:`|\]\()((?:\.ci|d2o_fast|docs|benchmarks|tests|kernels)/[^`\s)]*)')
+    missing = []
+    for doc in [REPO / 'README.md', *sorted((REPO / 'docs').glob('*.md'))]:
+        for path in quoted.findall(doc.read_text()):
+            path = path.split('::')[0]
+            if any(c in path for c in '*<{$') or path.startswith('docs/results/'):
+                continue
+            if not (REPO / path).exists():
+                missing.append(f'{doc.name}: {path}')
+    assert not missing, missing
+
+
+#----------------------------------------------------------------------------
+# The preset table, rendered from the registry.
+
+def preset_table():
+    """The README's preset table: every preset of engine/config.py PRESETS with the values it resolves to."""
+    from d2o_fast.cli import format_value
+    from d2o_fast.engine.config import PRESETS, preset_values
+    rows = ['| preset | --init | --data | cond | freeze | batch | G lr | D lr | EMA half-life (Mimg) | EMA ramp-up '
+            '| kimg | discriminator |', '|---|---|---|---|---|---|---|---|---|---|---|---|']
+    for name in PRESETS:
+        v = preset_values(name)
+        disc = (f"projected: {' + '.join(v['disc_backbones'])}" if v['disc'] == 'projected'
+                else f"{v['disc']} (width {v['disc_channels']}, from scratch)")
+        cells = [name, f"`{v['init']}`", f"`{v['data']}`", format_value(v['cond']), v['freeze'], v['batch'],
+                 f"{v['lr']:g}", f"{v['dlr']:g}", f"{v['ema_mimg']:g}", f"{v['ema_rampup']:g}", f"{v['kimg']:g}", disc]
+        rows.append('| ' + ' | '.join(map(str, cells)) + ' |')
+    return '\n'.join(rows)
+
+
+def test_readme_preset_table_is_the_registry():
+    assert preset_table() in (REPO / 'README.md').read_text(), 'regenerate it with: python tests/test_readme.py'
+
+
+if __name__ == '__main__':
+    print(preset_table())

@@ -53,7 +53,7 @@ class Downsample2x(nn.Module):
     """Depthwise [1,3,3,1] x [1,3,3,1] / 64 low-pass filter, stride 2: [.., R, R] -> [.., R/2, R/2].
 
     Runs through the U-Nets' fir_resample, which keeps reduced-precision CPU inputs off oneDNN's slow
-    depthwise path (in the bf16 benchmark step this filter's backward alone took ~190 ms per iteration).
+    depthwise path, where this filter's backward would be a large share of a bf16 training step.
     """
 
     def __init__(self):

@@ -166,7 +166,7 @@ class TrainConfig(RunConfig):
     disc_precision: str = option('fp32', 'speed', "autocast of the discriminator (fp32 is the authors')",
                                  choices=DISC_PRECISIONS)
     disc_pair_forward: bool = option(True, 'speed', 'D step: fakes and reals in one discriminator pass (same result)')
-    # On a CPU the compiled no-grad forward saves ~2% of the demo step but adds its own graph's compile time.
+    # On a CPU the compiled no-grad forward saves little of the demo step and adds its own graph's compile time.
     compile_fakes: Optional[bool] = option(None, 'speed', "with --compile, also compile the D step's generator "
                                            'forward (unset: on CUDA only)')
 
