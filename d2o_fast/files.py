@@ -2,6 +2,7 @@
 
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 import stat
@@ -67,4 +68,16 @@ def atomic_path(path):
     _fsync_directory(directory)
 
 
-__all__ = ['file_sha256', 'atomic_path']
+def write_text(path, text):
+    """Write `text` to `path` atomically (atomic_path)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, 'w') as f:
+            f.write(text)
+
+
+def write_json(path, payload, indent=2):
+    """Write `payload` as JSON to `path` atomically (atomic_path)."""
+    write_text(path, json.dumps(payload, indent=indent) + '\n')
+
+
+__all__ = ['file_sha256', 'atomic_path', 'write_text', 'write_json']

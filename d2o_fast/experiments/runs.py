@@ -16,6 +16,7 @@ import time
 
 from d2o_fast.engine.run import FINISHED_MARKER
 from d2o_fast.errors import D2OFastError
+from d2o_fast.files import write_json, write_text
 
 RECORD_FILE = 'study-run.json'
 
@@ -45,8 +46,7 @@ def _finished_record(run_dir):
 
 
 def _write_record(run_dir, record):
-    with open(os.path.join(run_dir, RECORD_FILE), 'w') as f:
-        json.dump(record, f, indent=2)
+    write_json(os.path.join(run_dir, RECORD_FILE), record)
     return record
 
 
@@ -94,8 +94,7 @@ def run_demo_command(seed, runs_dir, extra_args=()):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     os.makedirs(outdir, exist_ok=True)
-    with open(os.path.join(outdir, 'command-output.txt'), 'w') as f:
-        f.write(proc.stdout + proc.stderr)
+    write_text(os.path.join(outdir, 'command-output.txt'), proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise ExperimentError(f'the demo command failed on seed {seed} (exit {proc.returncode}); its output is in '
                               f'{outdir}/command-output.txt:\n{proc.stderr[-2000:]}')

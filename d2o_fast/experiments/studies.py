@@ -12,6 +12,7 @@ from d2o_fast.experiments import arms as arm_table
 from d2o_fast.experiments.report import (arm_summary, difference, plot_study, provenance, provenance_lines, runs_table,
                                          summary_table)
 from d2o_fast.experiments.runs import run_arm, run_demo_command
+from d2o_fast.files import write_json, write_text
 
 # The demo's bars (README): row (c) at most half of row (a)'s demo-FID, class accuracy at least 90%.
 DEMO_FID_FRACTION = 0.5
@@ -24,10 +25,8 @@ def _train_all(arms, seeds, runs_dir, overrides):
 
 def _write(outdir, name, payload, markdown):
     os.makedirs(outdir, exist_ok=True)
-    with open(os.path.join(outdir, f'{name}.json'), 'w') as f:
-        json.dump(payload, f, indent=2)
-    with open(os.path.join(outdir, f'{name}.md'), 'w') as f:
-        f.write(markdown + '\n')
+    write_json(os.path.join(outdir, f'{name}.json'), payload)
+    write_text(os.path.join(outdir, f'{name}.md'), markdown + '\n')
     print(markdown, flush=True)
 
 #----------------------------------------------------------------------------
@@ -44,8 +43,7 @@ def teacher_reference(init, eval_images, runs_dir):
         print('== the Heun teacher (18 steps, 35 NFE) on the evaluation seeds', flush=True)
         bf16 = native_bf16('cpu')  # as the demo's generator trains (--precision auto)
         metrics = dict(teacher_demo_metrics(resolve_init_path(init), eval_images, bf16=bf16), bf16=bf16)
-        with open(path, 'w') as f:
-            json.dump(metrics, f)
+        write_json(path, metrics)
     with open(path) as f:
         return json.load(f)
 

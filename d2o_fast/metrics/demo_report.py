@@ -4,12 +4,12 @@
     (c) the fine-tuned one-step generator (the D2O / D2O-F EMA snapshot).
 All three on the same seeds and class labels."""
 
-import json
 import os
 
 import torch
 
 from d2o_fast.checkpoint import load_network
+from d2o_fast.files import write_json, write_text
 from d2o_fast.metrics.demo_classifier import demo_metrics, demo_reference_stats
 from d2o_fast.nets import edm_sampler, labelled_batch
 from d2o_fast.ops import native_bf16
@@ -89,7 +89,5 @@ def format_demo_table(rows):
 
 
 def write_demo_report(run_dir, rows):
-    with open(os.path.join(run_dir, 'demo-eval.json'), 'w') as f:
-        json.dump(rows, f, indent=2)
-    with open(os.path.join(run_dir, 'demo-eval.md'), 'w') as f:
-        f.write(format_demo_table(rows) + '\n')
+    write_json(os.path.join(run_dir, 'demo-eval.json'), rows)
+    write_text(os.path.join(run_dir, 'demo-eval.md'), format_demo_table(rows) + '\n')
