@@ -107,9 +107,8 @@ namespace CPU_CAPABILITY {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 // Elements per work item of the channels_last kernels: 32 KiB of float32 rows (16 KiB of bfloat16), which the
-// forward's second moments pass and its output pass find in L1 or near it. Against 16384 (measured in-process, both
-// load orders), the forward took 0.67-0.81x the time at 16x16 x 256 and 0.78-0.92x at 32x32 x 128, float32 and
-// bfloat16, and the same at 8x8 x 512; the backward 0.92-1.09x.
+// forward's second moments pass and its output pass find in L1 or near it (a chunk twice as large spills to L2
+// between the two passes).
 constexpr int64_t kChunkElements = 8192;
 // Minimum elements per parallel task (at::parallel_for grain).
 constexpr int64_t kGrainElements = 32768;
@@ -196,7 +195,7 @@ inline void for_each_vec(int64_t n, F&& f) {
 // min keeps its second operand when unordered). The other builds use exp_u20 and a division.
 // This and the element functions below work on NV vectors at once, each step applied to all of them before the
 // next: one sigmoid is a dependency chain of about 50 cycles, and the out-of-order window alone overlaps too few of
-// them when the vectors come one after another (interleaving 4 measured 10-16% faster on the forward).
+// them when the vectors come one after another.
 template <int NV>
 inline void sigmoid_n(const Vec (&z)[NV], Vec (&s)[NV]) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -606,7 +605,7 @@ inline void group_grad_coefficients(const BackwardArgs& args, int64_t ng, const 
 // and prefetch dx's lines for writing during the first pass.
 constexpr int64_t kGroupScratchElements = 65536;
 // The backward's first pass, which streams x and dy from memory while computing the SiLU derivative, prefetches them
-// this many elements ahead (the hardware prefetcher alone leaves it stalling on dy; about 3-6% measured).
+// this many elements ahead (the hardware prefetcher alone leaves it stalling on dy).
 constexpr int64_t kPrefetchElements = 256;
 
 // NCHW: one task per group: its sums, its coefficients, then its dx while x and dy are still in cache (read from
@@ -690,8 +689,7 @@ void backward_nchw(const BackwardArgs& args) {
 
 // The last phase of the channels_last backward walks a chunk this many rows at a time, and within them by blocks of
 // channels whose coefficients stay in registers: they are loaded once per row group, and memory is still visited as
-// kRowGroup sequential streams (about 10% faster than a row at a time at 16x16 x 256, where the phase loads four to six
-// coefficients per vector).
+// kRowGroup sequential streams (a row at a time reloads the coefficients, four to six per vector at 16x16 x 256).
 constexpr int64_t kRowGroup = 4;
 
 // channels_last: sums per chunk of rows, the groups' coefficients, then dx per chunk. float32 keeps dz in dx between
