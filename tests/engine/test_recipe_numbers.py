@@ -200,7 +200,7 @@ class AffineF(torch.nn.Module):
 
 def precond_with_affine_f(cls):
     torch.manual_seed(0)
-    net = build_network(cls, **architecture_kwargs('ddpmpp', 8, 3, 0, model_channels=8, channel_mult=[1], num_blocks=1,
+    net = build_network(cls, **architecture_kwargs('ddpmpp', RES, 3, 0, model_channels=8, channel_mult=[1], num_blocks=1,
                                                    attn_resolutions=[], dropout=0.0))
     net.model = AffineF()
     return net
@@ -246,6 +246,52 @@ def test_trainer_generates_at_sigma_80():
     torch.testing.assert_close(trainer.generate(z, None, grad=False).double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def affine_trainer(**overrides):
+    """D2OTrainer with G = D2OPrecond around AffineF (one trainable scalar, 3) and D = QuadD, two rounds of 2 images."""
+    return quad_trainer(G=precond_with_affine_f('D2OPrecond'), **overrides)
+
+
+def test_generator_step_gradient_by_hand():
+    """loss = mean_i softplus(-D(G(z_i))); d/d scale = mean_i -sigmoid(-D_i) (w + 2 a y_i) . (c_out c_in 80 z_i)."""
+    trainer = affine_trainer()
+    D = trainer.D
+    images = random_images(4)
+    z_g, _ = trainer.draws(3, images.shape[1:], 0)
+    stats = trainer.generator_phase(*trainer.split(images, torch.zeros(4, 0)), z_g.chunk(2))
+    y, _, _ = d2o_generation_by_hand(z_g)
+    y, x = y.flatten(1), z_g.double().flatten(1) * 80
+    w, a = D.w.detach(), D.a.item()
+    logits = y @ w + a * y.square().sum(1)
+    c_out_c_in = (80 - 2e-3) * 0.5 / (80 ** 2 + 0.25)
+    d_scale = (-torch.sigmoid(-logits) * ((w + 2 * a * y) * (c_out_c_in * x)).sum(1)).mean()
+    assert trainer.G.model.scale.grad.item() == pytest.approx(d_scale.item(), rel=1e-4)
+    assert stats['loss_g'].item() == pytest.approx(torch.nn.functional.softplus(-logits).mean().item(), rel=1e-5)
+    assert D.w.grad is None and D.a.grad is None   # the G step leaves D alone
+
+
+def test_discriminator_step_gradient_by_hand():
+    """loss = mean softplus(D(fake)) + mean softplus(-D(real)) with D = w.y + a|y|^2:
+    d/dw = mean sigmoid(D_f) f - mean sigmoid(-D_r) r, d/da = mean sigmoid(D_f) |f|^2 - mean sigmoid(-D_r) |r|^2."""
+    trainer = affine_trainer()
+    D = trainer.D
+    w, a = D.w.detach().clone(), D.a.item()
+    images = random_images(4)
+    _, z_d = trainer.draws(3, images.shape[1:], 0)
+    stats = trainer.discriminator_phase(*trainer.split(images, torch.zeros(4, 0)), z_d.chunk(2))
+    fake, _, _ = d2o_generation_by_hand(z_d)
+    f, r = fake.flatten(1), images.double().flatten(1)
+    d_f, d_r = f @ w + a * f.square().sum(1), r @ w + a * r.square().sum(1)
+    s_f, s_r = torch.sigmoid(d_f), torch.sigmoid(-d_r)
+    d_w = (s_f[:, None] * f).mean(0) - (s_r[:, None] * r).mean(0)
+    d_a = (s_f * f.square().sum(1)).mean() - (s_r * r.square().sum(1)).mean()
+    torch.testing.assert_close(D.w.grad, d_w, rtol=1e-4, atol=1e-6 * d_w.abs().max().item())
+    assert D.a.grad.item() == pytest.approx(d_a.item(), rel=1e-4)
+    softplus = torch.nn.functional.softplus
+    assert stats['loss_d'].item() == pytest.approx((softplus(d_f).mean() + softplus(-d_r).mean()).item(), rel=1e-5)
+    assert stats['logit_fake'].item() == pytest.approx(d_f.mean().item(), rel=1e-5)
+    assert stats['logit_real'].item() == pytest.approx(d_r.mean().item(), rel=1e-5)
+
+
 #----------------------------------------------------------------------------
 # EDM pre-training: the loss and the learning-rate warm-up.
 
@@ -281,6 +327,35 @@ def test_edm_trainer_warm_up_and_ema_by_hand():
         beta = 0.5 ** (4 / min(10, 0.5 * seen))
         for p_ema, p_old, p in zip(trainer.G_ema.parameters(), before, trainer.G.parameters()):
             torch.testing.assert_close(p_ema, beta * p_old + (1 - beta) * p.detach(), rtol=1e-5, atol=1e-7)
+
+
+class ScaleNet(torch.nn.Module):
+    """D(x; sigma) = s x, s = 0.8: the EDM loss and its gradient in s have a closed form."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = torch.nn.Parameter(torch.tensor(0.8))
+
+    def forward(self, x, sigma, labels):
+        return self.s * x
+
+
+def test_edm_step_gradient_by_hand():
+    """Two rounds of 2 images: loss = mean_i w_i mean((s u_i - y_i)^2), u = y + sigma n, sigma = exp(-1.2 + 1.2 m),
+    w = (sigma^2 + 0.25) / (0.5 sigma)^2; d/ds = mean_i w_i mean(2 (s u_i - y_i) u_i)."""
+    cfg = resolve_config('demo', cls=PretrainConfig, presets=PRETRAIN_PRESETS, batch=4, seed=3, precision='fp32', lr=1e-3,
+                         lr_rampup_kimg=0)
+    trainer = EDMTrainer(ScaleNet(), cfg, torch.device('cpu'), 2, 2)
+    y = random_images(4).double()
+    noise, m = trainer._draws(5, y.shape[1:], 0)
+    stats = trainer.step(y.float(), torch.zeros(4, 0), 5, 20)
+    sigma = (m.double() * 1.2 - 1.2).exp().reshape(-1, 1, 1, 1)
+    weight = (sigma ** 2 + 0.25) / (0.5 * sigma) ** 2
+    u = y + sigma * noise.double()
+    per_image = (weight * (0.8 * u - y) ** 2).mean(dim=[1, 2, 3])
+    d_s = (weight * 2 * (0.8 * u - y) * u).mean(dim=[1, 2, 3]).mean()
+    assert stats['loss'].item() == pytest.approx(per_image.mean().item(), rel=1e-5)
+    assert trainer.G.s.grad.item() == pytest.approx(d_s.item(), rel=1e-5)
 
 
 #----------------------------------------------------------------------------
@@ -323,21 +398,38 @@ def _averaging_worker(rank, store, out):
         c = torch.nn.Parameter(torch.zeros(1))   # no gradient on either rank: stays None
         a.grad = torch.arange(6.0).reshape(2, 3) * (rank + 1)          # rank 0: k, rank 1: 2 k -> 1.5 k
         b.grad = torch.tensor([1.0, -2.0, 3.0, 10.0]) if rank == 0 else torch.tensor([3.0, 2.0, -1.0, 0.0])
-        dist.average_gradients([a, b, c])
+        finish_gradients([a, b, c], torch.optim.SGD([a, b, c], lr=1.0))   # average, then step: p = -mean grad
         total = dist.all_reduce_sum_(torch.tensor([rank + 1.0]))
-        torch.save(dict(a=a.grad, b=b.grad, c=c.grad, total=total), f'{out}.{rank}')
+        net = torch.nn.Linear(2, 1)
+        with torch.no_grad():
+            net.weight.fill_(rank + 5.0)
+            net.bias.fill_(-rank - 1.0)
+        dist.broadcast_module(net)
+        torch.save(dict(a=a.grad, b=b.grad, c=c.grad, a_new=a.detach(), total=total, w=net.weight.detach(),
+                        bias=net.bias.detach()), f'{out}.{rank}')
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_gradients_are_averaged_across_ranks(tmp_path):
+    """Two gloo processes: finish_gradients averages (then steps), all_reduce_sum_ sums, broadcast_module copies rank 0."""
     out = str(tmp_path / 'grads')
     torch.multiprocessing.spawn(_averaging_worker, args=(str(tmp_path / 'store'), out), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(f'{out}.{rank}', weights_only=True)
         assert got['a'].tolist() == [[0.0, 1.5, 3.0], [4.5, 6.0, 7.5]]
+        assert got['a_new'].tolist() == [[-0.0, -1.5, -3.0], [-4.5, -6.0, -7.5]]
         assert got['b'].tolist() == [2.0, 0.0, 1.0, 5.0]
         assert got['c'] is None and got['total'].tolist() == [3.0]
+        assert got['w'].tolist() == [[5.0, 5.0]] and got['bias'].tolist() == [-1.0]
+
+
+def test_noise_streams_are_distinct_and_sliced_by_rank():
+    keys = {dist.rng_key(seed, step, stream) for seed in range(3) for step in range(50) for stream in range(4)}
+    assert len(keys) == 3 * 50 * 4
+    full = torch.randn([6, 2, 3], generator=torch.Generator().manual_seed(1234))
+    for rank in range(3):
+        torch.testing.assert_close(dist.global_randn(1234, 6, [2, 3], rank, 2, 'cpu'), full[2 * rank:2 * rank + 2], rtol=0, atol=0)
 
 
 #----------------------------------------------------------------------------
