@@ -359,6 +359,17 @@ def test_edm_step_gradient_by_hand():
     assert trainer.G.s.grad.item() == pytest.approx(d_s.item(), rel=1e-5)
 
 
+def test_set_dropout_changes_every_block():
+    """Train mode: with dropout 0 two forward passes agree exactly, with 0.5 they do not; the rate is recorded."""
+    net = tiny_edm().train()
+    x, sigma, labels = torch.randn(2, 3, RES, RES), torch.ones(2), torch.eye(CLASSES)[:2]
+    net.set_dropout(0.5)
+    assert not torch.equal(net(x, sigma, labels), net(x, sigma, labels))
+    assert all(m.dropout == 0.5 for m in net.modules() if isinstance(m, UNetBlock)) and net.init_kwargs['dropout'] == 0.5
+    net.set_dropout(0.0)
+    assert torch.equal(net(x, sigma, labels), net(x, sigma, labels))
+
+
 #----------------------------------------------------------------------------
 # Freeze levels, by module structure: UNetBlock's conv0 / conv1 / attention proj, then qkv, then the 1x1 skip.
 
@@ -431,6 +442,17 @@ def test_noise_streams_are_distinct_and_sliced_by_rank():
     full = torch.randn([6, 2, 3], generator=torch.Generator().manual_seed(1234))
     for rank in range(3):
         torch.testing.assert_close(dist.global_randn(1234, 6, [2, 3], rank, 2, 'cpu'), full[2 * rank:2 * rank + 2], rtol=0, atol=0)
+
+
+def test_each_phase_draws_its_own_keyed_noise():
+    """The G step's z and the D step's z: N(0, I) draws of the whole global batch from generators seeded by
+    (seed * 1000003 + step) * 4 + phase, phase 1 (G) and 2 (D); this rank's slice."""
+    trainer = quad_trainer(batch=4, rounds=2, seed=5)
+    z_g, z_d = trainer.draws(7, [3, RES, RES], 0)
+    for z, phase in ((z_g, 1), (z_d, 2)):
+        full = torch.randn([4, 3, RES, RES], generator=torch.Generator().manual_seed((5 * 1_000_003 + 7) * 4 + phase))
+        assert torch.equal(z, full)
+    assert not torch.equal(z_g, z_d)
 
 
 #----------------------------------------------------------------------------
