@@ -3,6 +3,7 @@ run the tests mapped to its file, and report which test killed it, or that it su
 
     python -m tests.mutation.run                        # all mutants; writes tests/mutation/report.{md,json}
     python -m tests.mutation.run --only 16 35 --timeout 300 --out /tmp/mutation
+    python -m tests.mutation.run --only 63 67 --update  # rerun these, replacing their rows in the existing report
 
 Never edits the working tree: the copy holds the tracked files plus the prebuilt extension. One pytest process at a
 time, OMP_NUM_THREADS=1, each stopped at its first failure (-x) or after --timeout seconds. Not part of CI (tens of
@@ -67,22 +68,33 @@ def status_of(code, out):
     return 'killed', f'pytest exit {code} (collection or import error)'
 
 
-def write_report(out_dir, results, started, seconds, complete):
+def tree_version():
+    """HEAD's commit, with '+changes' when tracked files differ from it (the copy holds them as they are)."""
+    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return commit + ('+changes' if dirty else '')
+
+
+def write_report(out_dir, results, started, seconds, complete, commit, reruns=()):
     counted = [r for r in results if r['status'] in ('killed', 'survived', 'timeout')]
     killed = sum(r['status'] == 'killed' for r in counted)
     score = killed / len(counted) if counted else 0.0
-    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     summary = dict(started=started, seconds=round(seconds), commit=commit, complete=complete, mutants=len(results),
                    killed=killed, survived=sum(r['status'] == 'survived' for r in counted),
                    timeout=sum(r['status'] == 'timeout' for r in counted), score=round(score, 4),
-                   command='python -m tests.mutation.run')
+                   command='python -m tests.mutation.run', reruns=list(reruns))
     with open(os.path.join(out_dir, 'report.json'), 'w') as f:
         json.dump(dict(summary=summary, results=results), f, indent=1)
     lines = ['# Mutation pass', '',
              f'`{summary["command"]}` on commit {commit[:12]}, started {started}, {seconds / 60:.1f} min, one pytest '
              f'process at a time (OMP_NUM_THREADS=1).' + ('' if complete else ' **Incomplete run.**'), '',
              f'**Score: {killed} / {len(counted)} killed ({100 * score:.1f}%)**, {summary["survived"]} survived, '
-             f'{summary["timeout"]} timed out.', '',
+             f'{summary["timeout"]} timed out.', '']
+    for rerun in reruns:
+        lines += [f'Rerun of mutants {", ".join(map(str, rerun["ids"]))} (`--update`) on commit {rerun["commit"][:12]}, '
+                  f'started {rerun["started"]}, {rerun["seconds"] / 60:.1f} min; their rows below are from it.', '']
+    lines += [
              '| # | file | mutant | status | killed by / reason | s |', '|---|---|---|---|---|---|']
     for r in results:
         detail = r['killed_by'] or r.get('reason') or ''
@@ -102,6 +114,7 @@ def main(argv=None):
     parser.add_argument('--only', type=int, nargs='*', help='mutant numbers (positions in MUTANTS) to run')
     parser.add_argument('--timeout', type=float, default=240, help='seconds per mutant')
     parser.add_argument('--out', default=os.path.join(ROOT, 'tests', 'mutation'), help='folder for report.md / report.json')
+    parser.add_argument('--update', action='store_true', help="rerun --only's mutants and replace their rows in --out's report")
     parser.add_argument('--no-baseline', action='store_true', help='skip checking that each test set passes unmutated')
     args = parser.parse_args(argv)
     chosen = [(i, m) for i, m in enumerate(MUTANTS) if args.only is None or i in args.only]
@@ -109,6 +122,7 @@ def main(argv=None):
     started = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix='d2o-mutation-') as tree:
+        commit = tree_version()
         copy_tree(tree)
         for i, m in chosen:
             if m.file not in TESTS:
@@ -122,7 +136,27 @@ def main(argv=None):
                 print(f'baseline {file}: exit {code} in {seconds:.0f} s', flush=True)
                 if code != 0:
                     sys.exit(f'the tests mapped to {file} fail without any mutant:\n{out}')
-        results = []
+        previous = dict(summary={}, results=[])
+        if args.update:
+            if args.only is None:
+                sys.exit('--update reruns the mutants given by --only')
+            with open(os.path.join(args.out, 'report.json')) as f:
+                previous = json.load(f)
+        results = [r for r in previous['results'] if args.only is None or r['id'] not in args.only]
+        summary = previous['summary']
+        reruns = list(summary.get('reruns', []))
+        main_seconds = summary.get('seconds', 0)
+        if args.update:
+            rerun = dict(ids=[i for i, _ in chosen], started=started, commit=commit, seconds=0)
+            reruns.append(rerun)
+            started, commit = summary['started'], summary['commit']
+
+        def report(complete):
+            if args.update:   # the main pass's duration stays; the rerun records its own
+                rerun['seconds'] = round(time.time() - t0)
+                complete = complete and summary.get('complete', False)
+            seconds = main_seconds if args.update else time.time() - t0
+            return write_report(args.out, sorted(results, key=lambda r: r['id']), started, seconds, complete, commit, reruns)
         for i, m in chosen:
             path = os.path.join(tree, m.file)
             pristine = open(path).read()
@@ -140,9 +174,8 @@ def main(argv=None):
                 result['reason'] = m.known_survivor
             results.append(result)
             print(f'#{i} {status:8s} {seconds:5.0f} s  {m.description}  {killer or ""}', flush=True)
-            write_report(args.out, results, started, time.time() - t0, complete=False)
-    summary = write_report(args.out, results, started, time.time() - t0, complete=True)
-    print(json.dumps(summary))
+            report(complete=False)
+        print(json.dumps(report(complete=True)))
 
 
 if __name__ == '__main__':
