@@ -153,6 +153,16 @@ def test_finish_gradients_replaces_non_finite_values_as_the_authors():
     assert p.detach().tolist() == [0.0, -1e5, 1e5, -2.5]
 
 
+def test_resume_restores_the_fp16_loss_scale():
+    """--precision fp16: the grad scaler's scale and growth count are part of the training state."""
+    saved = affine_trainer(precision='fp16').state_dict()
+    saved['scaler'] = dict(saved['scaler'], scale=1024.0, _growth_tracker=7)
+    trainer = affine_trainer(precision='fp16')
+    assert trainer.scaler.is_enabled()
+    trainer.load_state_dict(saved)
+    assert trainer.scaler.get_scale() == 1024.0 and trainer.scaler.state_dict()['_growth_tracker'] == 7
+
+
 #----------------------------------------------------------------------------
 # EMA.
 
