@@ -117,3 +117,35 @@ def test_foreign_safetensors_file_is_refused(tmp_path):
     safetensors.torch.save_file({'w': torch.ones(2)}, str(path))
     with pytest.raises(CheckpointError, match='without d2o_fast snapshot metadata'):
         load_network(path)
+
+
+def _rewrite(path, header=None, dtype=None):
+    """Rewrite a snapshot file with other header fields or its tensors in another dtype."""
+    with safetensors.safe_open(str(path), framework='pt') as f:
+        metadata = dict(f.metadata(), **(header or {}))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+
+def test_snapshot_of_another_format_version_is_refused(tmp_path):
+    path = tmp_path / 'snap.safetensors'
+    save_snapshot(make_net('ncsnpp-uncond'), path)
+    _rewrite(path, header={'format_version': '2'})
+    with pytest.raises(CheckpointError, match="format version '2', this d2o_fast reads version 1"):
+        load_network(path)
+
+
+def test_half_precision_tensors_load_as_the_networks_float32(tmp_path):
+    """A snapshot stored in float16 loads into float32 parameters holding the float16 values."""
+    net = make_net('ncsnpp-uncond')
+    path = tmp_path / 'snap.safetensors'
+    save_snapshot(net, path)
+    _rewrite(path, dtype=torch.float16)
+    loaded = load_network(path)
+    for name, value in loaded.state_dict().items():
+        expected = net.state_dict()[name]
+        assert value.dtype == expected.dtype, name
+        if expected.is_floating_point():
+            assert torch.equal(value, expected.half().to(expected.dtype)), name

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from d2o_fast.checkpoint import CheckpointError, load_network
 from d2o_fast.engine import loop as loop_module
 from d2o_fast.engine.loop import TrainingError, training_loop
-from d2o_fast.engine.tasks import build_d2o_task
+from d2o_fast.engine.config import PRETRAIN_PRESETS, PretrainConfig, resolve_config
+from d2o_fast.engine.tasks import build_d2o_task, build_edm_task
 from d2o_fast.engine.state import list_states
 from tests.engine.conftest import tiny_config
 
@@ -54,30 +55,54 @@ def test_run_writes_everything_a_person_looks_at(tmp_path, tiny_init, tiny_data)
     assert not torch.equal(G.state_dict()['model.enc.16x16_block0.affine.weight'], init['model.enc.16x16_block0.affine.weight'])
 
 
-def test_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, tiny_init, tiny_data):
-    straight = training_loop(tiny_config(tmp_path / 'a', tiny_init, tiny_data, kimg=0.048), build_d2o_task, quiet=True)
-
-    # Interrupted: the same command stopped after 0.016 kimg (a signal arrives), then run again.
-    cfg = tiny_config(tmp_path / 'b', tiny_init, tiny_data, kimg=0.048)
+def stopped_then_rerun(cfg, build_task, steps=2):
+    """The same command stopped by a signal after `steps` steps, then run again; returns both results."""
     calls = {'n': 0}
     original = loop_module.StopRequest.__bool__
 
-    def stop_after_two_steps(self):
+    def stop_after(self):
         calls['n'] += 1
-        return calls['n'] > 2 or original(self)
-    loop_module.StopRequest.__bool__ = stop_after_two_steps
+        return calls['n'] > steps or original(self)
+    loop_module.StopRequest.__bool__ = stop_after
     try:
-        first = training_loop(cfg, build_d2o_task, quiet=True)
+        first = training_loop(cfg, build_task, quiet=True)
     finally:
         loop_module.StopRequest.__bool__ = original
-    assert first.stopped_by_signal and 0 < first.images_seen < 48
-    second = training_loop(cfg, build_d2o_task, quiet=True)
-    assert second.run_dir == first.run_dir and second.images_seen == 48
+    return first, training_loop(cfg, build_task, quiet=True)
 
-    a, b = final_state(straight.run_dir), final_state(second.run_dir)
-    for part in ['G', 'G_ema', 'D']:
+
+def assert_same_training_state(a, b, parts):
+    for part in parts:
         for k in a['trainer'][part]:
             torch.testing.assert_close(b['trainer'][part][k], a['trainer'][part][k], rtol=0, atol=0, msg=f'{part}.{k}')
+
+
+def test_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, tiny_init, tiny_data):
+    straight = training_loop(tiny_config(tmp_path / 'a', tiny_init, tiny_data, kimg=0.048), build_d2o_task, quiet=True)
+    first, second = stopped_then_rerun(tiny_config(tmp_path / 'b', tiny_init, tiny_data, kimg=0.048), build_d2o_task)
+    assert first.stopped_by_signal and 0 < first.images_seen < 48
+    assert second.run_dir == first.run_dir and second.images_seen == 48
+    assert_same_training_state(final_state(straight.run_dir), final_state(second.run_dir), ['G', 'G_ema', 'D'])
+
+
+def tiny_pretrain_config(tmp_path, data):
+    return resolve_config('demo', cls=PretrainConfig, presets=PRETRAIN_PRESETS, data=data, model_channels=8,
+                          channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.1, batch=8, kimg=0.032,
+                          tick_kimg=0.008, snapshot_ticks=4, checkpoint_ticks=1, keep_checkpoints=1, grid_size=2,
+                          grid_steps=2, lr=1e-3, lr_rampup_kimg=0, ema_mimg=0.001, precision='fp32', workers=1, seed=3,
+                          outdir=str(tmp_path / 'runs'))
+
+
+def test_pretraining_with_dropout_resumes_exactly(tmp_path, tiny_data):
+    """EDM pre-training draws its dropout masks from the global torch RNG: a resumed run matches an uninterrupted one
+    bit for bit only if the training state restores that RNG too."""
+    straight = training_loop(tiny_pretrain_config(tmp_path / 'a', tiny_data), build_edm_task, quiet=True)
+    first, second = stopped_then_rerun(tiny_pretrain_config(tmp_path / 'b', tiny_data), build_edm_task)
+    assert first.stopped_by_signal and 0 < first.images_seen < 32 and second.images_seen == 32
+    a, b = final_state(straight.run_dir), final_state(second.run_dir)
+    assert_same_training_state(a, b, ['G', 'G_ema'])
+    # Dropout was on, so the weights depend on the masks drawn after the resume.
+    assert any(m.dropout == 0.1 for m in load_network(straight.snapshot).modules() if hasattr(m, 'dropout'))
 
 
 def test_resume_refuses_another_architecture(tmp_path, tiny_init, tiny_data):
