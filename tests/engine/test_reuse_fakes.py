@@ -111,6 +111,24 @@ def test_g_step_keeps_only_detached_features():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_the_d_step_runs_neither_g_nor_the_backbones_on_fakes():
+    """Per round, one generator forward (the G step's) and one backbone pass on fakes (the G step's); the D step runs
+    the backbones on reals only."""
+    t = trainer('projected', 1, True)
+    images, labels = batch(t)
+    fnet = next(iter(t.D.feature_networks.values()))
+    calls = {'G': 0, 'backbone': []}
+    generate = t.generate
+
+    def counting(z, c, grad):
+        calls['G'] += 1
+        return generate(z, c, grad)
+    t.generate = counting
+    fnet.register_forward_hook(lambda module, args, out: calls['backbone'].append(args[0].shape[0]))
+    t.step(images, labels, 1, 0)
+    assert calls['G'] == t.rounds and calls['backbone'] == [2] * (2 * t.rounds)   # fakes in G step, reals in D step
+
+
 def test_detached_keeps_the_structure():
     x = torch.ones(2, requires_grad=True) * 2
     out = detached(((x, x + 1), [x]))
