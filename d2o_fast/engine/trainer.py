@@ -34,12 +34,11 @@ ADAM_BETAS = (0.0, 0.99)
 ITERATION_STATS = ('loss_g', 'loss_d', 'logit_fake', 'logit_real')   # what G step + D step report, in this order
 
 
-
-def detached(value):
-    """A tensor, or nested tuples / lists of tensors, with every tensor detached from its graph."""
+def map_tensors(fn, value):
+    """fn applied to a tensor, or to every tensor of nested tuples / lists (the structure kept)."""
     if torch.is_tensor(value):
-        return value.detach()
-    return type(value)(detached(v) for v in value)
+        return fn(value)
+    return type(value)(map_tensors(fn, v) for v in value)
 
 
 class D2OTrainer:
@@ -174,10 +173,14 @@ class D2OTrainer:
             return self.D_fwd(channels_last_input(images, self.cfg.channels_last), labels)
 
     def discriminate_keeping_features(self, images, labels):
-        """(logits, the frozen part's output detached): D as D.heads_forward(D.features(x)), for --reuse-fakes."""
+        """(logits, the frozen part's output detached): D as D.heads_forward(D.features(x)), for --reuse-fakes.
+        Under CUDA graph trees the kept features are copied: the next replay of D_features (the next accumulation
+        round) overwrites its outputs."""
         with autocast_context(self.device, self.d_dtype):
             features = self.D_features(channels_last_input(images, self.cfg.channels_last), labels)
-            return self.D_heads(features, labels), detached(features)
+            logits = self.D_heads(features, labels)
+        own_copy = self.cfg.cudagraphs == 'networks'
+        return logits, map_tensors(lambda t: t.detach().clone() if own_copy else t.detach(), features)
 
     #------------------------------------------------------------------------
 

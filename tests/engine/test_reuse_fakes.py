@@ -11,7 +11,7 @@ from d2o_fast.discriminators import build_discriminator
 from d2o_fast.engine.config import resolve_config
 from d2o_fast.engine.gan import discriminator_loss, mean_logit
 from d2o_fast.engine.optim import finish_gradients
-from d2o_fast.engine.trainer import D2OTrainer, detached
+from d2o_fast.engine.trainer import D2OTrainer, map_tensors
 from d2o_fast.errors import ConfigError
 from d2o_fast.nets import architecture_kwargs, build_network, labelled_batch
 
@@ -129,9 +129,9 @@ def test_the_d_step_runs_neither_g_nor_the_backbones_on_fakes():
     assert calls['G'] == t.rounds and calls['backbone'] == [2] * (2 * t.rounds)   # fakes in G step, reals in D step
 
 
-def test_detached_keeps_the_structure():
+def test_map_tensors_keeps_the_structure():
     x = torch.ones(2, requires_grad=True) * 2
-    out = detached(((x, x + 1), [x]))
+    out = map_tensors(torch.Tensor.detach, ((x, x + 1), [x]))
     assert isinstance(out, tuple) and isinstance(out[0], tuple) and isinstance(out[1], list)
     assert all(not t.requires_grad for t in (out[0][0], out[0][1], out[1][0])) and torch.equal(out[0][1], x.detach() + 1)
 
