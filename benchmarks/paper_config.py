@@ -21,6 +21,9 @@ Our paths (`OUR_PATHS`, config overrides of the real D2OTrainer):
            frozen backbones in the D step (heads per half, so the logits are those of two calls). bf16 is fast
            only where oneDNN runs bf16 convolutions (AVX512-BF16 / AMX CPUs); elsewhere PyTorch falls back to its
            reference im2col kernels, many times slower than fp32. The report says which this CPU is.
+  reuse    fastest with --reuse-fakes: less computation, not the same. The D step trains on the G step's fakes and
+           their frozen-backbone features (detached), so it runs neither the generator nor the backbones on fakes;
+           only the heads run again on them. The report sets it against fastest (`REUSE_OF`): FLOPs, img/s, peak RSS.
 The authors' paths (`authors_iteration.PATHS`; their code driven as their training loop does, see
 benchmarks/authors_iteration.py for what is adapted at run time):
   fp32       their code as it runs on a CPU (their D2OPrecond takes bf16 only on CUDA). The default.
@@ -68,7 +71,9 @@ VARIANTS = {'d2o': 0, 'd2o-f': 1}  # variant -> freeze level
 OUR_PATHS = {
     'eager': dict(precision='fp32', disc_precision='fp32', channels_last=False, disc_pair_forward=False),
     'fastest': dict(precision='bf16', disc_precision='bf16', channels_last=True, disc_pair_forward=True),
+    'reuse': dict(precision='bf16', disc_precision='bf16', channels_last=True, disc_pair_forward=True, reuse_fakes=True),
 }
+REUSE_OF = {'reuse': 'fastest'}  # our path with --reuse-fakes -> the same path without it
 PATHS = tuple(OUR_PATHS)
 SIDES = {'ours': OUR_PATHS, 'authors': authors_iteration.PATHS}  # side -> its paths
 GENERATOR_CHECKPOINT = 'edm-cifar10-32x32-uncond-ve'
@@ -441,12 +446,27 @@ def ratios(table):
     return out
 
 
+def reuse_ratios(table):
+    """Each reuse path against the same path without reuse (REUSE_OF), per variant: what reusing the fakes saves."""
+    rows = {(t['side'], t['variant'], t['path']): t for t in table}
+    out = []
+    for (side, variant, path), reuse in rows.items():
+        base = rows.get((side, variant, REUSE_OF.get(path)))
+        if side == 'ours' and base:
+            out.append(dict(variant=variant, reuse=path, base=base['path'], img_per_s=reuse['img_per_s'] / base['img_per_s'],
+                            peak_rss=reuse['peak_rss_gb'] / base['peak_rss_gb'],
+                            flops=reuse['flops']['per_iteration'] / base['flops']['per_iteration'],
+                            d_flops=reuse['flops']['D'] / base['flops']['D']))
+    return out
+
+
 def write_results(results, meta, numerics=None):
     RESULTS_DIR.mkdir(exist_ok=True)
     table = summarize(results)
     peer = ratios(table)
+    reuse = reuse_ratios(table)
     (RESULTS_DIR / 'paper_config.json').write_text(json.dumps(dict(meta, results=results, table=table, ratios=peer,
-                                                                   numerics=numerics), indent=2))
+                                                                   reuse_ratios=reuse, numerics=numerics), indent=2))
     kernels = sorted({t['kernels'] for t in table if t['side'] == 'ours'})
     lines = [f'# The paper\'s CIFAR-10 iteration: this project and the authors\' code ({meta["device"]})', '',
              f'torch {meta.get("torch", "?")}, {meta["threads"]} threads, commit {meta.get("commit")}. '
@@ -475,6 +495,12 @@ def write_results(results, meta, numerics=None):
               'brackets). Peak RSS = ru_maxrss of the case\'s own process (build, warm-up, timed steps, R1). FLOPs: '
               'matmuls and convolutions (forward and backward) of the warm-up iteration and R1 step, counted by '
               'torch.utils.flop_counter.FlopCounterMode; per iteration = G + D + R1 / 16.']
+    if reuse:
+        lines += ['', '## Reusing the G step\'s fakes (--reuse-fakes) / the same path without, same run', '',
+                  '| variant | path | against | FLOP ratio (iteration) | FLOP ratio (D step) | images / s ratio | peak RSS ratio |',
+                  '|---|---|---|---|---|---|---|']
+        lines += [f'| {r["variant"]} | {r["reuse"]} | {r["base"]} | {r["flops"]:.3f} | {r["d_flops"]:.3f} '
+                  f'| {r["img_per_s"]:.2f}x | {r["peak_rss"]:.2f} |' for r in reuse]
     if peer:
         lines += ['', '## Ours / theirs, same run', '',
                   '| variant | our path | their path | images / s ratio | peak RSS ratio | FLOP ratio |', '|---|---|---|---|---|---|']
@@ -557,7 +583,7 @@ def main():
     if a.numerics:
         numerics = numerics_check(threads=a.threads)
         print(numerics['markdown'])
-        meta = {k: v for k, v in previous.items() if k not in ('results', 'table', 'ratios', 'numerics')} or dict(
+        meta = {k: v for k, v in previous.items() if k not in ('results', 'table', 'ratios', 'reuse_ratios', 'numerics')} or dict(
             device=device_description(), threads=a.threads, command='(no table yet)', config='')
         write_results(previous.get('results', []), meta, numerics)
         return
@@ -575,6 +601,9 @@ def main():
             results.append(r)
     meta.update(load_average_start=load_start, load_average_end=os.getloadavg())
     write_results(results, meta, previous.get('numerics'))
+    for row in reuse_ratios(summarize(results)):
+        print(f'{row["variant"]:6s} ours {row["reuse"]} / {row["base"]}: FLOPs {row["flops"]:.3f}x (D step '
+              f'{row["d_flops"]:.3f}x), images/s {row["img_per_s"]:.2f}x, peak RSS {row["peak_rss"]:.2f}x')
     for row in ratios(summarize(results)):
         print(f'{row["variant"]:6s} ours {row["ours"]:8s} / theirs {row["theirs"]:9s}: images/s {row["img_per_s"]:.2f}x, '
               f'peak RSS {row["peak_rss"]:.2f}x, FLOPs {row["flops"]:.2f}x')

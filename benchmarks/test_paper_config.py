@@ -30,6 +30,9 @@ def test_paths_configure_the_engine():
     assert eager.cfg.freeze == 0 and fast.cfg.freeze == 1
     assert len(fast.g_params) < len(eager.g_params)
     assert fast.G.init_kwargs['dropout'] == 0  # as the training entry point
+    reuse = paper_config.build_trainer('d2o-f', 'reuse', 2, SMALL_G, SMALL_D)
+    assert reuse.reuse_fakes and not fast.reuse_fakes and not eager.reuse_fakes
+    assert {k: v for k, v in paper_config.OUR_PATHS['reuse'].items() if k != 'reuse_fakes'} == paper_config.OUR_PATHS['fastest']
 
 
 @pytest.fixture(scope='module')
@@ -61,6 +64,24 @@ def test_both_paths_count_the_same_flops(small_runs):
         assert fastest[phase] == pytest.approx(eager[phase], rel=1e-6), phase
 
 
+def test_reuse_removes_the_d_steps_generator_and_backbone_pass_on_fakes(small_runs):
+    """The reuse path's D step counts exactly the FLOPs of the fastest one minus a no-grad generator forward and a
+    pass of the frozen feature networks on the fakes (counted here on their own); G and R1 steps are unchanged."""
+    fastest, reuse = small_runs['fastest']['flops'], small_runs['reuse']['flops']
+    assert reuse['G'] == fastest['G'] and reuse['R1'] == fastest['R1']
+    trainer = paper_config.build_trainer('d2o-f', 'fastest', 2, SMALL_G, SMALL_D)
+    z = torch.randn(2, 3, 32, 32)
+    with paper_config.flop_counter() as counter:
+        fake = trainer.generate(z, None, grad=False)
+    g_forward = counter.get_total_flops()
+    with paper_config.flop_counter() as counter, torch.no_grad():
+        trainer.D.features(fake)
+    backbones = counter.get_total_flops()
+    assert g_forward > 0 and backbones > 0
+    assert fastest['D'] - reuse['D'] == g_forward + backbones
+    assert reuse['per_iteration'] < fastest['per_iteration']
+
+
 def test_results_files_without_a_peer(small_runs, tmp_path, monkeypatch):
     monkeypatch.setattr(paper_config, 'RESULTS_DIR', tmp_path)
     meta = dict(device=paper_config.device_description(), threads=1, command='pytest', config='small',
@@ -72,6 +93,12 @@ def test_results_files_without_a_peer(small_runs, tmp_path, monkeypatch):
     assert saved['ratios'] == [] and len(saved['table']) == len(paper_config.PATHS)
     md = (tmp_path / 'paper_config.md').read_text()
     assert 'No peer was measured in this run' in md and 'Ours / theirs' not in md
+    (reuse,) = saved['reuse_ratios']
+    assert (reuse['variant'], reuse['reuse'], reuse['base']) == ('d2o-f', 'reuse', 'fastest')
+    assert reuse['flops'] == pytest.approx(small_runs['reuse']['flops']['per_iteration']
+                                           / small_runs['fastest']['flops']['per_iteration'])
+    assert reuse['flops'] < 1 and reuse['d_flops'] < 1
+    assert '## Reusing the G step\'s fakes' in md and f'| d2o-f | reuse | fastest | {reuse["flops"]:.3f} |' in md
     for path in paper_config.PATHS:
         assert f'| ours | d2o-f | {path} |' in md
     assert f'torch {torch.__version__}' in md and meta['commit'].split()[0] in md

@@ -42,6 +42,7 @@ import pytest
 import torch
 
 from conftest import probe_allocator, steady_allocator
+from paper_config import flop_counter
 from d2o_fast import ops
 from d2o_fast.discriminators import build_discriminator
 from d2o_fast.engine.config import resolve_config
@@ -78,23 +79,40 @@ class Case:
         return f'{self.disc}-{self.path}-{"D2O-F" if self.freeze else "D2O"}'
 
     @property
+    def reuse(self):
+        return self.path.endswith(REUSE_SUFFIX)
+
+    @property
+    def base_path(self):
+        """The path without --reuse-fakes."""
+        return self.path[:-len(REUSE_SUFFIX)] if self.reuse else self.path
+
+    @property
+    def compiled(self):
+        return self.base_path.startswith(('compiled', 'cudagraphs'))
+
+    @property
     def options(self):
-        """Config fields and kernel backend of the path."""
+        """Config fields and kernel backend of the path (a '+reuse' path: its base path with --reuse-fakes)."""
         fused = 'cuda' if CUDA else 'cpu'
-        return {'eager': (dict(precision='fp32'), 'torch'),
+        config, kernels = {'eager': (dict(precision='fp32'), 'torch'),
                 'bf16+fused': (dict(precision='bf16', disc_precision='bf16', channels_last=True), fused),
                 'compiled': (dict(precision='bf16', disc_precision='bf16', compile=True), 'torch'),
                 'compiled+fused': (dict(precision='bf16', disc_precision='bf16', compile=True), fused),
                 'cudagraphs+fused': (dict(precision='bf16', disc_precision='bf16', compile=True, cudagraphs='networks'),
-                                     fused)}[self.path]
+                                     fused)}[self.base_path]
+        return (dict(config, reuse_fakes=True) if self.reuse else config), kernels
 
 
-PATHS = ['eager', 'compiled', 'compiled+fused'] + (['cudagraphs+fused'] if CUDA else [])
+# A path with REUSE_SUFFIX is its base path with --reuse-fakes (the D step on the G step's fakes and features).
+REUSE_SUFFIX = '+reuse'
+PATHS = ['eager', 'compiled', 'compiled+fused'] + (['cudagraphs+fused'] if CUDA else []) + ['eager+reuse', 'compiled+fused+reuse']
 CASES = [Case('stylegan2', path, freeze) for path in PATHS for freeze in (0, 1)]
 # The projected discriminator's backbones (vgg16_bn + efficientnet at 224) take many minutes to compile on this
 # CPU, so by default its figures are eager fp32 vs eager bf16 + fused kernels; set the env var to add compiled.
 COMPILE_PROJECTED_ENV = 'D2O_FAST_BENCH_COMPILE_PROJECTED'
 PROJECTED_PATHS = ['eager', 'bf16+fused'] + (['compiled+fused'] if CUDA or os.environ.get(COMPILE_PROJECTED_ENV) else [])
+PROJECTED_PATHS += ['eager+reuse', 'bf16+fused+reuse']
 CASES += [Case('projected', path, 1) for path in PROJECTED_PATHS]
 
 _results = {}
@@ -173,6 +191,21 @@ class Run:
         self.r1_cpu.append(time.process_time() - c0)
         self.r1_wall.append(time.perf_counter() - t0)
 
+    def count_flops(self):
+        """Matmul / convolution FLOPs of one iteration (G + D step) and of one R1 step (FlopCounterMode), on an eager
+        trainer only: a compiled path computes the same as the eager path of its (disc, freeze, reuse)."""
+        self.flops = None
+        if self.case.compiled:
+            return
+        step = 2 * R1_INTERVAL - 1
+        with flop_counter() as counter:
+            self.trainer.step(self.images, self.labels, step, step * self.trainer.batch_gpu)
+        iteration = counter.get_total_flops()
+        with flop_counter() as counter:
+            self.trainer.r1_phase(self.images.chunk(1), self.labels.chunk(1))
+        self.flops = dict(iteration=iteration, r1=counter.get_total_flops(),
+                          per_iteration=iteration + counter.get_total_flops() / R1_INTERVAL)
+
     def measure_memory(self, memory_probe):
         """Peak memory of an iteration + an R1 step, with the optimizer state and gradients of the steady state
         (call under probe_allocator())."""
@@ -197,7 +230,9 @@ class Run:
                     peak_mem_mb=self.peak / 2 ** 20, state_mb=self.state / 2 ** 20,
                     opt_g_state_mb=optimizer_state_bytes(trainer.opt_g) / 2 ** 20,
                     g_trainable=sum(p.numel() for p in trainer.g_params),
-                    g_params=sum(p.numel() for p in trainer.G.parameters()))
+                    g_params=sum(p.numel() for p in trainer.G.parameters()), reuse_fakes=case.reuse,
+                    base_path=case.base_path, flops=self.flops,
+                    flops_from=None if self.flops is None else case.path)
 
 
 PAIRS = list(dict.fromkeys((c.disc, c.path) for c in CASES))
@@ -217,6 +252,7 @@ def test_train_step(disc, path, benchmark, memory_probe):
         # threshold Inductor's Python side took ~1.5x the CPU time. probe_allocator() then hands the build's freed
         # heap back to the system, so the probed step's tensors still show up in the resident set.
         run = Run(case)
+        run.count_flops()
         with probe_allocator():
             run.measure_memory(memory_probe)
         runs.append(run)
@@ -242,9 +278,19 @@ def test_train_step(disc, path, benchmark, memory_probe):
 #----------------------------------------------------------------------------
 
 def ratios(rows):
-    """Each row against the eager baseline of the same discriminator and freeze level, and D2O-F against D2O."""
+    """Each row against the eager baseline of the same discriminator and freeze level, D2O-F against D2O, and a reuse
+    path against its base path. A compiled row's FLOPs are those counted on the eager row of the same computation."""
     by = {(r['disc'], r['path'], r['freeze']): r for r in rows}
     for r in rows:
+        if r['flops'] is None:
+            eager = by.get((r['disc'], 'eager' + (REUSE_SUFFIX if r['reuse_fakes'] else ''), r['freeze']))
+            if eager and eager['flops']:
+                r['flops'], r['flops_from'] = eager['flops'], eager['path']
+        plain = by.get((r['disc'], r['base_path'], r['freeze'])) if r['reuse_fakes'] else None
+        r['reuse_speedup'] = r['img_per_sec'] / plain['img_per_sec'] if plain else None
+        r['reuse_mem'] = r['peak_mem_mb'] / plain['peak_mem_mb'] if plain else None
+        r['reuse_flops'] = (r['flops']['per_iteration'] / plain['flops']['per_iteration']
+                            if plain and r['flops'] and plain['flops'] else None)
         base = by.get((r['disc'], 'eager', r['freeze']))
         d2o = by.get((r['disc'], r['path'], 0))
         r['speedup_vs_eager'] = r['img_per_sec'] / base['img_per_sec'] if base else None
@@ -260,14 +306,15 @@ def targets(rows):
     by = {(r['disc'], r['path'], r['freeze']): r for r in rows}
     out = []
     for freeze in (0, 1):
-        best = max((by[('stylegan2', p, freeze)] for p in PATHS if p != 'eager' and ('stylegan2', p, freeze) in by),
+        best = max((by[('stylegan2', p, freeze)] for p in PATHS
+                    if p != 'eager' and not p.endswith(REUSE_SUFFIX) and ('stylegan2', p, freeze) in by),
                    key=lambda r: r['img_per_sec'], default=None)
         if best and best['speedup_vs_eager'] is not None:  # a run without the eager baseline (pytest -k) has no ratios
             out.append((f'compiled ({best["path"]}) / eager img/s, freeze {freeze} (>= 1.5)', best['speedup_vs_eager'],
                         best['speedup_vs_eager'] >= 1.5))
             out.append((f'compiled ({best["path"]}) / eager peak memory, freeze {freeze} (<= 1)', best['mem_vs_eager'],
                         best['mem_vs_eager'] <= 1))
-    for path in PATHS:
+    for path in (p for p in PATHS if not p.endswith(REUSE_SUFFIX)):
         r = by.get(('stylegan2', path, 1))
         if r and r['speedup_vs_d2o'] is not None:
             out.append((f'D2O-F / D2O img/s, {path} (>= 1.2)', r['speedup_vs_d2o'], r['speedup_vs_d2o'] >= 1.2))
@@ -289,17 +336,25 @@ def markdown(rows, machine, checks):
              f'G step + D step + EMA + 1/{R1_INTERVAL} of an R1 step. Paths: eager = fp32, PyTorch GroupNorm; '
              f'bf16+fused = eager with bf16 autocast of G and D, channels_last and the fused GroupNorm extension; compiled = torch.compile '
              f'(fullgraph, static shapes) + bf16 autocast of G and D; compiled+fused = the same with the fused GroupNorm '
-             f'extension (ops backend cpu/cuda). Compile + warm-up is timed apart and not in img/s. Peak memory = '
-             f'training-state tensors + resident-set growth in an iteration + R1 step of their own, before the timed ones (benchmarks/conftest.py).',
+             f'extension (ops backend cpu/cuda); PATH+reuse = PATH with --reuse-fakes (the D step on the G step\'s fakes '
+             f'and their frozen discriminator features: no generator forward and no backbone pass on fakes in it), '
+             f'its "reuse vs" ratios against PATH. Compile + warm-up is timed apart and not in img/s. Peak memory = '
+             f'training-state tensors + resident-set growth in an iteration + R1 step of their own, before the timed ones '
+             f'(benchmarks/conftest.py). GFLOP/iter: matmul and convolution FLOPs (forward and backward) of one G + D '
+             f'step + 1/{R1_INTERVAL} of an R1 step, counted by torch.utils.flop_counter.FlopCounterMode on the eager '
+             f'trainer of the same computation (a compiled row shows its eager row\'s count).',
              '', '| case | batch | G prec | kernels | CPU ms/iter | img/s | vs eager | vs D2O | wall ms/iter | wall vs eager '
-             '| peak MB | vs eager mem | G opt state MB | G trainable / total | compile+warm-up wall s (CPU s) |',
-             '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+             '| peak MB | vs eager mem | GFLOP/iter | reuse vs: img/s | FLOPs | peak mem | G opt state MB '
+             '| G trainable / total | compile+warm-up wall s (CPU s) |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         compile_s = f'{r["build_wall_s"]:.0f} ({r["build_cpu_s"]:.0f})' if r['compile_warmup_s'] is not None else ''
+        gflop = f'{r["flops"]["per_iteration"] / 1e9:.2f}' if r['flops'] else ''
         lines.append(f'| {r["case"]} | {r["batch"]} | {r["precision"]} | {r["kernels"]} | {r["iteration_ms"]:.0f} | '
                      f'{r["img_per_sec"]:.2f} | {f(r["speedup_vs_eager"], ".2f")}x | {f(r["speedup_vs_d2o"], ".2f")} | '
                      f'{r["wall_iteration_ms"]:.0f} | {f(r["wall_speedup_vs_eager"], ".2f")}x | '
-                     f'{r["peak_mem_mb"]:.0f} | {f(r["mem_vs_eager"], ".2f")} | {r["opt_g_state_mb"]:.2f} | '
+                     f'{r["peak_mem_mb"]:.0f} | {f(r["mem_vs_eager"], ".2f")} | {gflop} | {f(r["reuse_speedup"], ".2f")} | '
+                     f'{f(r["reuse_flops"], ".3f")} | {f(r["reuse_mem"], ".2f")} | {r["opt_g_state_mb"]:.2f} | '
                      f'{r["g_trainable"] / 1e6:.2f}M / {r["g_params"] / 1e6:.2f}M | {compile_s} |')
     lines += ['', '## Targets (stylegan2 configuration)', '', '| target | value | met |', '|---|---|---|']
     lines += [f'| {name} | {value:.2f} | {"yes" if ok else "NO"} |' for name, value, ok in checks]

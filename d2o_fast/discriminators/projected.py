@@ -310,13 +310,20 @@ class ProjectedDiscriminator(nn.Module):
 
     def forward(self, img, c=None, reference=False):
         """img [B, 3, H, W] in [-1, 1], c one-hot [B, c_dim] or None -> tuple of logits [B, K_b], one per backbone."""
+        return self.heads_forward(self.features(img, c, reference), c)
+
+    def features(self, img, c=None, reference=False):
+        """The frozen part: per backbone, its 4 projected feature maps (what heads_forward takes). forward() is
+        heads_forward(features(img, c), c); the D step may reuse the G step's features of the same fakes."""
         self.check_inputs(img, c)
+        return tuple(tuple(fnet(img, channels_last=self.channels_last, reference=reference))
+                     for fnet in self.feature_networks.values())
+
+    def heads_forward(self, features, c=None):
+        """The trainable part: features() of a batch -> tuple of logits [B, K_b], one per backbone."""
         c = c if self.c_dim else None
-        logits = []
-        for name, fnet in self.feature_networks.items():
-            feats = fnet(img, channels_last=self.channels_last, reference=reference)
-            logits.append(torch.cat([head(f, c) for head, f in zip(self.heads[name], feats)], dim=1))
-        return tuple(logits)
+        return tuple(torch.cat([head(f, c) for head, f in zip(self.heads[name], feats)], dim=1)
+                     for name, feats in zip(self.feature_networks, features))
 
     def forward_pair(self, img_a, img_b, c_a=None, c_b=None):
         """(forward(img_a, c_a), forward(img_b, c_b)), identical to the two calls in this order, with the frozen

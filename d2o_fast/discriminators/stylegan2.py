@@ -164,6 +164,15 @@ class StyleGAN2Discriminator(nn.Module):
         self.check_inputs(img, c)
         return self._logits(img, c, min(self.mbstd_group_size, img.shape[0]))
 
+    def features(self, img, c=None):
+        """The frozen part, as the projected discriminator's: nothing is frozen here, so it is the image itself.
+        forward() is heads_forward(features(img, c), c)."""
+        self.check_inputs(img, c)
+        return img
+
+    def heads_forward(self, features, c=None):
+        return self._logits(features, c, min(self.mbstd_group_size, features.shape[0]))
+
     def forward_pair(self, img_a, img_b, c_a=None, c_b=None):
         """(forward(img_a, c_a), forward(img_b, c_b)) in one pass over both batches, with the same result.
 

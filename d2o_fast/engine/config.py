@@ -175,6 +175,8 @@ class TrainConfig(RunConfig):
     dlr: float = option(1e-4, 'optimisation', 'discriminator learning rate')
     r1_gamma: float = option(AUTHORS_R1_GAMMA / AUTHORS_IMAGES_PER_GPU, 'optimisation', 'R1 weight (batch mean)')
     r1_interval: int = option(16, 'optimisation', 'lazy R1: one R1 step every N steps')
+    reuse_fakes: bool = option(False, 'optimisation', "D step on the G step's fakes (detached) and their frozen "
+                               "discriminator features: no second G forward or backbone pass, fakes one G update old")
     ema_mimg: float = option(0.5, 'optimisation', 'EMA half-life in millions of images ...')
     ema_rampup: float = option(0.05, 'optimisation', '... capped at this fraction of the images seen')
     eval_demo: bool = option(False, 'run folder', 'demo: evaluate before/after and print the table')

@@ -4,6 +4,11 @@ The generator is a D2OPrecond run at sigma = 80: G(z) = D(80 z; 80). Each phase 
 generator keyed by (seed, step, phase) for the whole global batch, and each rank takes its slice, so the
 result does not depend on the number of processes or on where a run was resumed.
 
+With --reuse-fakes the D step takes the G step's fakes instead of drawing its own: the discriminator's frozen part
+(the projected discriminator's backbones and projections, D.features) ran on them in the G step, and its output,
+detached, goes to the D step, where only the trainable heads (D.heads_forward) run on it again. The D step then
+trains on samples of the generator before its update; nothing of it outlives the iteration.
+
 Nothing in an iteration reads a device value on the host: the step returns its statistics as 0-d device tensors
 (the training loop reads them once per tick), and the EMA beta and R1 schedule come from Python integers. That
 lets `--cudagraphs step` capture G step + D step + EMA as one CUDA graph (StepGraph) over static input buffers.
@@ -21,11 +26,19 @@ from d2o_fast.engine.ema import ema_beta, make_ema, update_ema
 from d2o_fast.engine.profiling import nvtx_range
 from d2o_fast.engine.optim import autocast_context, autocast_dtype, finish_gradients, make_adam, stepping_outside_graph
 from d2o_fast.engine.gan import discriminator_loss, generator_loss, mean_logit, r1_penalty
+from d2o_fast.errors import ConfigError
 from d2o_fast.nets import apply_freeze, labelled_batch
 
 PHASE_G, PHASE_D = 1, 2
 ADAM_BETAS = (0.0, 0.99)
 ITERATION_STATS = ('loss_g', 'loss_d', 'logit_fake', 'logit_real')   # what G step + D step report, in this order
+
+
+def map_tensors(fn, value):
+    """fn applied to a tensor, or to every tensor of nested tuples / lists (the structure kept)."""
+    if torch.is_tensor(value):
+        return fn(value)
+    return type(value)(map_tensors(fn, v) for v in value)
 
 
 class D2OTrainer:
@@ -73,11 +86,21 @@ class D2OTrainer:
         # Forward passes may be compiled (d2o_fast/engine/compile.py); R1's double backward always runs the
         # eager discriminator.
         # The D step's fakes (no grad) use G_fakes: the compiled G too, unless --compile-fakes says otherwise.
+        # With --reuse-fakes, D runs as its two parts (D_features, D_heads) on fakes, and whole on reals.
+        self.reuse_fakes = cfg.reuse_fakes
         self.compiled = cfg.compile or cfg.cudagraphs != 'off'
         self.G_fwd, self.D_fwd, self.G_fakes = self.G, self.D, self.G
+        if self.reuse_fakes and not (hasattr(self.D, 'features') and hasattr(self.D, 'heads_forward')):
+            raise ConfigError(f'--reuse-fakes needs a discriminator split into features() and heads_forward(); '
+                              f'{type(self.D).__name__} is not')
+        self.D_features, self.D_heads = (self.D.features, self.D.heads_forward) if self.reuse_fakes else (None, None)
         if self.compiled:
-            self.G_fwd = compile_forward(self.G, cudagraphs=cfg.cudagraphs == 'networks')
-            self.D_fwd = compile_forward(self.D, cudagraphs=cfg.cudagraphs == 'networks')
+            graphs = cfg.cudagraphs == 'networks'
+            self.G_fwd = compile_forward(self.G, cudagraphs=graphs)
+            self.D_fwd = compile_forward(self.D, cudagraphs=graphs)
+            if self.reuse_fakes:
+                self.D_features = compile_forward(self.D.features, cudagraphs=graphs)
+                self.D_heads = compile_forward(self.D.heads_forward, cudagraphs=graphs)
             compile_fakes = device.type == 'cuda' if cfg.compile_fakes is None else cfg.compile_fakes
             self.G_fakes = self.G_fwd if compile_fakes else self.G
         # Whole-iteration graph: static buffers (allocated at the first step) and the step structure around them.
@@ -135,8 +158,9 @@ class D2OTrainer:
         return dist.global_randn(key, self.global_batch, shape_one, rank, self.batch_gpu * self.rounds, self.device)
 
     def draws(self, step, shape_one, rank):
-        """(z of the G step, z of the D step)."""
-        return self.noise(step, PHASE_G, shape_one, rank), self.noise(step, PHASE_D, shape_one, rank)
+        """(z of the G step, z of the D step); the D step draws none when it reuses the G step's fakes."""
+        z_d = None if self.reuse_fakes else self.noise(step, PHASE_D, shape_one, rank)
+        return self.noise(step, PHASE_G, shape_one, rank), z_d
 
     def generate(self, z, labels, grad):
         x = channels_last_input(z * self.G.sigma_generate, self.cfg.channels_last)
@@ -147,6 +171,16 @@ class D2OTrainer:
     def discriminate(self, images, labels):
         with autocast_context(self.device, self.d_dtype):
             return self.D_fwd(channels_last_input(images, self.cfg.channels_last), labels)
+
+    def discriminate_keeping_features(self, images, labels):
+        """(logits, the frozen part's output detached): D as D.heads_forward(D.features(x)), for --reuse-fakes.
+        Under CUDA graph trees the kept features are copied: the next replay of D_features (the next accumulation
+        round) overwrites its outputs."""
+        with autocast_context(self.device, self.d_dtype):
+            features = self.D_features(channels_last_input(images, self.cfg.channels_last), labels)
+            logits = self.D_heads(features, labels)
+        own_copy = self.cfg.cudagraphs == 'networks'
+        return logits, map_tensors(lambda t: t.detach().clone() if own_copy else t.detach(), features)
 
     #------------------------------------------------------------------------
 
@@ -172,13 +206,16 @@ class D2OTrainer:
         return images.chunk(self.rounds), conds
 
     def iteration(self, images, labels, z_g, z_d, beta):
-        """G step, D step and EMA: the part of a step that --cudagraphs step captures."""
+        """G step, D step and EMA: the part of a step that --cudagraphs step captures. z_d is None with --reuse-fakes:
+        the D step takes the G step's fake features."""
         reals, conds = self.split(images, labels)
         stats = {}
         with nvtx_range('G step'):
-            stats.update(self.generator_phase(reals, conds, z_g.chunk(self.rounds)))
+            g_stats, fake_features = self.generator_phase(reals, conds, z_g.chunk(self.rounds))
+            stats.update(g_stats)
         with nvtx_range('D step'):
-            stats.update(self.discriminator_phase(reals, conds, z_d.chunk(self.rounds)))
+            zs = None if z_d is None else z_d.chunk(self.rounds)
+            stats.update(self.discriminator_phase(reals, conds, zs, fake_features))
         with nvtx_range('EMA'):
             update_ema(self.G_ema, self.G, beta)
         return stats
@@ -186,10 +223,12 @@ class D2OTrainer:
     def graphed_iteration(self, images, labels, z_g, z_d, beta):
         """iteration() through StepGraph: the inputs are copied into static buffers, the graph (or, uncaptured, the
         same code) reads them, and the statistics come back as one vector that the next step overwrites."""
+        inputs = dict(images=images, labels=labels, z_g=z_g, z_d=z_d)
+        inputs = {name: value for name, value in inputs.items() if value is not None}   # no z_d with --reuse-fakes
         if self.static is None:
-            self.static = dict(images=torch.empty_like(images), labels=torch.empty_like(labels), z_g=torch.empty_like(z_g),
-                               z_d=torch.empty_like(z_d), beta=torch.zeros([], device=self.device))
-        for name, value in (('images', images), ('labels', labels), ('z_g', z_g), ('z_d', z_d)):
+            self.static = {name: torch.empty_like(value) for name, value in inputs.items()}
+            self.static['beta'] = torch.zeros([], device=self.device)
+        for name, value in inputs.items():
             if value.shape != self.static[name].shape:
                 raise SpeedOptionError(f'--cudagraphs step needs the same batch shape every step: {name} '
                                        f'{tuple(value.shape)} after {tuple(self.static[name].shape)}')
@@ -200,18 +239,28 @@ class D2OTrainer:
 
     def static_iteration(self):
         """StepGraph's body: iteration() over the static buffers, its statistics stacked into one vector."""
-        stats = self.iteration(**self.static)
+        s = self.static
+        stats = self.iteration(s['images'], s['labels'], s['z_g'], s.get('z_d'), s['beta'])
         return torch.stack([stats[k] for k in ITERATION_STATS])
 
     def generator_phase(self, reals, conds, zs):
-        """softplus(-D(G(z))); D's parameters do not require grad, so backward computes only what reaches G."""
+        """softplus(-D(G(z))); D's parameters do not require grad, so backward computes only what reaches G.
+        Returns (statistics, per round the fakes' D.features detached with --reuse-fakes, else None)."""
         for p in self.d_params:
             p.requires_grad_(False)
         self.opt_g.zero_grad(set_to_none=True)
         total = torch.zeros([], device=self.device)
+        kept = [] if self.reuse_fakes else None
         for c, z in zip(conds, zs):
             with nvtx_range('G forward'):
-                loss = generator_loss(self.discriminate(self.generate(z, c, grad=True), c))
+                fake = self.generate(z, c, grad=True)
+                if self.reuse_fakes:
+                    logits, features = self.discriminate_keeping_features(fake, c)
+                    kept.append(features)
+                else:
+                    logits = self.discriminate(fake, c)
+                del fake
+                loss = generator_loss(logits)
             with nvtx_range('G backward'):
                 self.scaler.scale(loss / self.rounds).backward()
             total += loss.detach() / self.rounds
@@ -219,10 +268,11 @@ class D2OTrainer:
             p.requires_grad_(True)
         with nvtx_range('G optimizer'):
             finish_gradients(self.g_params, self.opt_g, self.scaler if self.scaler.is_enabled() else None)
-        return dict(loss_g=total)
+        return dict(loss_g=total), kept
 
-    def discriminator_phase(self, reals, conds, zs):
-        """softplus(D(G(z))) + softplus(-D(x)), with fakes from a fresh z generated without a graph."""
+    def discriminator_phase(self, reals, conds, zs, fake_features=None):
+        """softplus(D(G(z))) + softplus(-D(x)), with fakes from a fresh z generated without a graph, or (fake_features:
+        generator_phase's, per round) the heads alone on the G step's fakes' frozen features."""
         self.opt_g.zero_grad(set_to_none=True)  # G's gradients are used up: free them for the D and R1 steps
         self.opt_d.zero_grad(set_to_none=True)
         total = torch.zeros([], device=self.device)
@@ -231,14 +281,20 @@ class D2OTrainer:
         # Fakes and reals in one discriminator pass (the projected D's frozen backbones run once on both; the
         # logits are those of two calls). Compiled runs keep the two calls of the compiled forward.
         pair = self.cfg.disc_pair_forward and hasattr(self.D, 'forward_pair') and not self.compiled
-        for real, c, z in zip(reals, conds, zs):
+        fakes = zs if fake_features is None else fake_features
+        for real, c, fake in zip(reals, conds, fakes):
             with nvtx_range('D forward'):
-                fake = self.generate(z, c, grad=False)
-                if pair:
+                if fake_features is not None:   # heads on the kept features first, as forward_pair orders the halves
+                    with autocast_context(self.device, self.d_dtype):
+                        fake_logits = self.D_heads(fake, c)
+                    real_logits = self.discriminate(real, c)
+                elif pair:
+                    fake = self.generate(fake, c, grad=False)
                     with autocast_context(self.device, self.d_dtype):
                         fake_logits, real_logits = self.D.forward_pair(channels_last_input(fake, self.cfg.channels_last),
                                                                        channels_last_input(real, self.cfg.channels_last), c, c)
                 else:
+                    fake = self.generate(fake, c, grad=False)
                     fake_logits = self.discriminate(fake, c)
                     real_logits = self.discriminate(real, c)
                 del fake

@@ -3,6 +3,7 @@
     python -m d2o_fast.experiments ablation --seeds 3 --outdir docs/results/ablation
     python -m d2o_fast.experiments sweep --lrs 1e-4,3e-4,1e-3 --seeds 2 --outdir docs/results/lr-sweep
     python -m d2o_fast.experiments demo-seeds --seeds 3 --outdir docs/results/demo-seeds
+    python -m d2o_fast.experiments reuse --seeds 3 --outdir docs/results/reuse
 
 Any training flag (`python -m d2o_fast.train --help`) may follow and applies to every run, e.g. --kimg 5,
 --eval-images 500, --compile, --init PATH. Run folders go to --runs-dir (default OUTDIR/runs); re-running the
@@ -15,7 +16,7 @@ import os
 from d2o_fast.cli import add_config_flags, overrides_from_args, run_main
 from d2o_fast.errors import ConfigError
 
-STUDIES = ('ablation', 'sweep', 'demo-seeds')
+STUDIES = ('ablation', 'sweep', 'demo-seeds', 'reuse')
 
 
 class StudyArgumentError(ConfigError):
@@ -65,6 +66,8 @@ def main(argv):
         studies.ablation(seeds, outdir, runs_dir, overrides, argv)
     elif args.study == 'sweep':
         studies.sweep(args.lrs, methods, seeds, outdir, runs_dir, overrides, argv)
+    elif args.study == 'reuse':
+        studies.reuse(seeds, outdir, runs_dir, overrides, argv)
     else:
         studies.demo_seeds(seeds, outdir, runs_dir, rest, argv)
 

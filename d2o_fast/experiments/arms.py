@@ -16,7 +16,11 @@ D2O_F1 = Arm('D2O-F (level 1)', 'd2o-f1', dict(freeze=1), 'D2O-F (level 1)')
 D2O_F3 = Arm('D2O-F (level 3)', 'd2o-f3', dict(freeze=3), 'D2O-F (level 3)')
 RANDOM_INIT = Arm('random-init GAN', 'random-init', dict(freeze=0, reinit=True), 'random-init GAN')
 
+D2O_F1_REUSE = Arm('D2O-F (level 1), reused fakes', 'd2o-f1-reuse', dict(freeze=1, reuse_fakes=True),
+                   'D2O-F (level 1), reused fakes')
+
 ABLATION = (D2O, D2O_F1, D2O_F3, RANDOM_INIT)
+REUSE = (D2O_F1, D2O_F1_REUSE)   # the reuse study: fresh fakes in the D step (the authors' recipe) vs the G step's
 PRETRAINED = (D2O, D2O_F1, D2O_F3)
 
 SWEEP_METHODS = {'d2o': D2O, 'd2o-f': D2O_F1}

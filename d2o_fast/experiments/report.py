@@ -56,10 +56,16 @@ def mean_curve(records):
     return out
 
 
-def difference(a, b):
-    """(mean_a - mean_b, standard error of that difference) of two arms' end demo-FID over independent seeds."""
+def difference(a, b, key='end_fid'):
+    """(mean_a - mean_b, standard error of that difference) of two arms' statistic `key` (one of ARM_STATS; end
+    demo-FID by default) over independent seeds."""
     na, nb = len(a['runs']), len(b['runs'])
-    return a['end_fid'] - b['end_fid'], math.sqrt(a['end_fid_sd'] ** 2 / na + b['end_fid_sd'] ** 2 / nb)
+    return a[key] - b[key], math.sqrt(a[key + '_sd'] ** 2 / na + b[key + '_sd'] ** 2 / nb)
+
+
+def standing(gap, se):
+    """Where a gap of demo-FIDs (lower is better) stands against two standard errors of it."""
+    return 'within the seed spread' if abs(gap) <= 2 * se else ('better' if gap < 0 else 'worse')
 
 #----------------------------------------------------------------------------
 # Tables.

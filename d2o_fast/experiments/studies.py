@@ -3,14 +3,15 @@
     ablation    the paper's claims: pre-training matters, freezing costs little, one step reaches the teacher
     sweep       generator learning rates for D2O and D2O-F, so both can share one recipe
     demo_seeds  the README's demo command on several seeds, against its two bars
+    reuse       D2O-F with and without --reuse-fakes (the D step on the G step's fakes): does it cost quality?
 """
 
 import json
 import os
 
 from d2o_fast.experiments import arms as arm_table
-from d2o_fast.experiments.report import (arm_summary, difference, plot_study, provenance, provenance_lines, runs_table,
-                                         summary_table)
+from d2o_fast.experiments.report import (arm_summary, difference, mean_sd, plot_study, provenance, provenance_lines,
+                                         runs_table, standing, summary_table)
 from d2o_fast.experiments.runs import run_arm, run_demo_command
 from d2o_fast.files import write_json, write_text
 
@@ -61,13 +62,12 @@ def ablation_verdicts(summaries, teacher):
                      evidence=f'worst pre-trained end demo-FID {worst_pre:.2f} vs best random-init {best_random:.2f}')]
     for frozen in (d2o_f1, by_name[arm_table.D2O_F3.name]):
         gap, se = difference(frozen, d2o)
-        standing = 'within the seed spread' if abs(gap) <= 2 * se else ('better' if gap < 0 else 'worse')
         verdicts.append(dict(
             claim=f'(ii) freezing costs little: {frozen["arm"]} is not worse than D2O beyond the seed spread',
             supported=gap <= 2 * se,
             evidence=f'{frozen["arm"]} {frozen["end_fid"]:.2f} ± {frozen["end_fid_sd"]:.2f} vs D2O {d2o["end_fid"]:.2f} ± '
                      f'{d2o["end_fid_sd"]:.2f} (end demo-FID, mean ± sd): gap {gap:+.2f}, two standard errors of the gap '
-                     f'{2 * se:.2f}, so {standing}'))
+                     f'{2 * se:.2f}, so {standing(gap, se)}'))
     for s in (d2o, d2o_f1):
         beats_raw = all(r['end_fid'] < r['start_fid'] for r in s['runs'])
         reaches = s['end_fid'] <= teacher['demo_fid']
@@ -101,6 +101,51 @@ def ablation(seeds, outdir, runs_dir, overrides, argv):
     return summaries, verdicts
 
 #----------------------------------------------------------------------------
+# Reusing the G step's fakes in the D step.
+
+def reuse_verdicts(summaries):
+    """Reuse against the default, on end demo-FID and on the mean of the last three evaluations: within the seed
+    spread when |gap| <= 2 standard errors of the gap."""
+    by_name = {s['arm']: s for s in summaries}
+    base, reuse = by_name[arm_table.D2O_F1.name], by_name[arm_table.D2O_F1_REUSE.name]
+    verdicts = []
+    for key, what in (('end_fid', 'end demo-FID'), ('last3_fid', 'mean of the last three demo-FIDs')):
+        gap, se = difference(reuse, base, key)
+        verdicts.append(dict(
+            claim=f'reusing the G step\'s fakes is not worse than fresh fakes beyond the seed spread ({what})',
+            supported=gap <= 2 * se, within_spread=abs(gap) <= 2 * se, gap=gap, two_se=2 * se,
+            evidence=f'reuse {reuse[key]:.2f} ± {reuse[key + "_sd"]:.2f} vs fresh fakes {base[key]:.2f} ± '
+                     f'{base[key + "_sd"]:.2f} (mean ± sd over {len(reuse["runs"])} and {len(base["runs"])} seeds): '
+                     f'gap {gap:+.2f}, two standard errors of the gap {2 * se:.2f}, so {standing(gap, se)}'))
+    return verdicts
+
+
+def reuse(seeds, outdir, runs_dir, overrides, argv):
+    trained = _train_all(arm_table.REUSE, seeds, runs_dir, overrides)
+    summaries = [arm_summary(arm, records) for arm, records in trained]
+    verdicts = reuse_verdicts(summaries)
+    walls = {arm.name: mean_sd(r['wall_s'] for r in records) for arm, records in trained}
+    prov = provenance(argv)
+    lines = ['# Reusing the G step\'s fakes in the D step (--reuse-fakes) on the demo', '', *provenance_lines(prov), '',
+             summary_table(summaries), '',
+             'Both arms are the demo preset (D2O-F level 1); the second adds --reuse-fakes: the D step trains on the '
+             'G step\'s fakes (generated before G\'s update) instead of fresh ones from the updated G, skipping its '
+             'generator forward. Mean ± sample standard deviation over seeds; a run "diverged" when an evaluation was '
+             'worse than its own start.', '',
+             '## Verdict', '']
+    lines += [f'- {"supported" if v["supported"] else "NOT supported"}: {v["claim"]}. {v["evidence"]}.' for v in verdicts]
+    lines += ['', 'Wall time per run (training and its evaluation at every tick, on a shared machine): '
+              + '; '.join(f'{name} {m / 60:.1f} ± {sd / 60:.1f} min' for name, (m, sd) in walls.items()) + '.',
+              '', '## Runs', '', runs_table(summaries), '', '![demo-FID against images seen](reuse.png)']
+    _mkdir(outdir)
+    plot_study([(a.name, r) for a, r in trained], os.path.join(outdir, 'reuse.png'),
+               'D2O-F with fresh and reused fakes in the D step, mean ± sd over seeds')
+    _write(outdir, 'reuse', dict(provenance=prov, arms=summaries, verdicts=verdicts,
+                                 wall_s={name: dict(mean=m, sd=sd) for name, (m, sd) in walls.items()},
+                                 curves={a.name: [r['curve'] for r in recs] for a, recs in trained}), '\n'.join(lines))
+    return summaries, verdicts
+
+#----------------------------------------------------------------------------
 # Learning-rate sweep.
 
 def sweep(lrs, methods, seeds, outdir, runs_dir, overrides, argv):
@@ -131,7 +176,6 @@ def demo_passes(table):
 
 
 def demo_seeds(seeds, outdir, runs_dir, extra_args, argv):
-    from d2o_fast.experiments.report import mean_sd
     records = [run_demo_command(seed, runs_dir, extra_args) for seed in seeds]
     prov = provenance(argv)
     rows = ['| seed | (a) raw one step | (b) Heun teacher, 35 NFE | (c) fine-tuned one step | class accuracy (c) | bars met '

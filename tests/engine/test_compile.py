@@ -177,12 +177,16 @@ def test_frozen_backbone_optimizer_state_is_a_quarter_or_less(tmp_path, tiny_ini
 # torch.compile (slow: Inductor compiles C++ for forward and backward of G and D).
 
 @pytest.mark.slow
-def test_compiled_step_matches_eager(tmp_path, tiny_init, tiny_data):
+@pytest.mark.parametrize('reuse_fakes', [False, True])
+def test_compiled_step_matches_eager(tmp_path, tiny_init, tiny_data, reuse_fakes):
+    """With --reuse-fakes the compiled D.features and D.heads_forward run on fakes, the compiled D on reals."""
     torch._dynamo.reset()
     images, labels = batch()
-    eager = tiny_trainer(tmp_path / 'e', tiny_init, tiny_data, r1_interval=1)
+    eager = tiny_trainer(tmp_path / 'e', tiny_init, tiny_data, r1_interval=1, reuse_fakes=reuse_fakes)
     # compile_fakes: the D step's no-grad generator forward compiled too (the CUDA default; eager on CPU).
-    compiled = tiny_trainer(tmp_path / 'c', tiny_init, tiny_data, r1_interval=1, compile=True, compile_fakes=True)
+    compiled = tiny_trainer(tmp_path / 'c', tiny_init, tiny_data, r1_interval=1, compile=True, compile_fakes=True,
+                            reuse_fakes=reuse_fakes)
+    assert (compiled.D_heads is not None and compiled.D_heads != compiled.D.heads_forward) == reuse_fakes
     assert compiled.warmup_seconds > 0 and 'compile + warm-up' in compiled.speed_summary()
     assert compiled.G_fakes is compiled.G_fwd and compiled.G_fwd is not compiled.G
     # The warm-up left no trace: same weights, no optimizer state.

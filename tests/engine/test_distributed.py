@@ -37,13 +37,14 @@ def train(tmp_path, name, tiny_init, tiny_data, nproc, extra=()):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, tiny_init, tiny_data):
-    one, _ = train(tmp_path, 'one', tiny_init, tiny_data, nproc=1)
-    two, log = train(tmp_path, 'two', tiny_init, tiny_data, nproc=2)
+@pytest.mark.parametrize('reuse', [[], ['--reuse-fakes']], ids=['default', 'reuse-fakes'])
+def test_two_processes_match_one(tmp_path, tiny_init, tiny_data, reuse):
+    one, _ = train(tmp_path, 'one', tiny_init, tiny_data, nproc=1, extra=reuse)
+    two, log = train(tmp_path, 'two', tiny_init, tiny_data, nproc=2, extra=reuse)
     assert '2 process(es) x 4 images' in log
     assert one['images_seen'] == two['images_seen'] == 48
     # One process with two accumulation rounds of 4 is the same computation again.
-    rounds, _ = train(tmp_path, 'rounds', tiny_init, tiny_data, nproc=1, extra=['--batch-gpu', '4'])
+    rounds, _ = train(tmp_path, 'rounds', tiny_init, tiny_data, nproc=1, extra=['--batch-gpu', '4', *reuse])
     for other in (two, rounds):
         for part in ('G', 'G_ema', 'D'):
             for k, v in one['trainer'][part].items():

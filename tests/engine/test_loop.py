@@ -77,12 +77,17 @@ def assert_same_training_state(a, b, parts):
             torch.testing.assert_close(b['trainer'][part][k], a['trainer'][part][k], rtol=0, atol=0, msg=f'{part}.{k}')
 
 
-def test_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, tiny_init, tiny_data):
-    straight = training_loop(tiny_config(tmp_path / 'a', tiny_init, tiny_data, kimg=0.048), build_d2o_task, quiet=True)
-    first, second = stopped_then_rerun(tiny_config(tmp_path / 'b', tiny_init, tiny_data, kimg=0.048), build_d2o_task)
+@pytest.mark.parametrize('reuse_fakes', [False, True])
+def test_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, tiny_init, tiny_data, reuse_fakes):
+    """Bit for bit; with --reuse-fakes too (its D step uses only the same iteration's G step: nothing more to save)."""
+    straight = training_loop(tiny_config(tmp_path / 'a', tiny_init, tiny_data, kimg=0.048, reuse_fakes=reuse_fakes),
+                             build_d2o_task, quiet=True)
+    first, second = stopped_then_rerun(tiny_config(tmp_path / 'b', tiny_init, tiny_data, kimg=0.048,
+                                                   reuse_fakes=reuse_fakes), build_d2o_task)
     assert first.stopped_by_signal and 0 < first.images_seen < 48
     assert second.run_dir == first.run_dir and second.images_seen == 48
     assert_same_training_state(final_state(straight.run_dir), final_state(second.run_dir), ['G', 'G_ema', 'D'])
+    assert json.load(open(os.path.join(second.run_dir, 'config.json')))['reuse_fakes'] == reuse_fakes
 
 
 def tiny_pretrain_config(tmp_path, data):

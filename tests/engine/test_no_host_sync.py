@@ -1,5 +1,6 @@
 """A training step never reads a device value on the host: D2O and D2O-F steps (with and without an R1 step, StyleGAN2
-and a small projected discriminator, fp32 / bf16 / fp16 with the grad scaler, plain and graph-structured) and the EDM
+and a small projected discriminator, fp32 / bf16 / fp16 with the grad scaler, plain and graph-structured, with and
+without --reuse-fakes) and the EDM
 pre-training step run with every host read of a tensor made to raise; the loop's tick meter adds their statistics
 without reading them either."""
 
@@ -64,7 +65,7 @@ def test_the_guard_catches_each_kind_of_read(monkeypatch):
     assert y.item() > 0
 
 
-def d2o_trainer(disc, freeze, precision, static_step=False, rounds=2, device=CPU):
+def d2o_trainer(disc, freeze, precision, static_step=False, rounds=2, device=CPU, reuse_fakes=False):
     torch.manual_seed(0)
     G = build_network('D2OPrecond', **architecture_kwargs('ddpmpp', RES, 3, CLASSES, model_channels=8, channel_mult=[1, 2],
                                                           num_blocks=1, attn_resolutions=[8], dropout=0.0))
@@ -76,7 +77,7 @@ def d2o_trainer(disc, freeze, precision, static_step=False, rounds=2, device=CPU
     bf16_disc = precision == 'bf16' and disc == 'stylegan2'   # oneDNN's bf16 depthwise convolutions are slow on CPU
     cfg = resolve_config('demo', init='random', arch='ddpmpp', disc=disc, freeze=freeze, batch=2 * rounds, seed=5,
                          lr=1e-3, dlr=1e-3, precision=precision, disc_precision='bf16' if bf16_disc else 'fp32',
-                         r1_interval=2)
+                         r1_interval=2, reuse_fakes=reuse_fakes)
     return D2OTrainer(G, D, cfg, device, batch_gpu=2, rounds=rounds, static_step=static_step)
 
 
@@ -102,17 +103,19 @@ def run_guarded(trainer, monkeypatch, steps):
 
 
 SLOW = pytest.mark.slow   # the projected discriminator's backbone at 128x128
-CASES = [  # (disc, freeze, precision, static_step)
-    ('stylegan2', 0, 'fp32', False), ('stylegan2', 1, 'bf16', False), ('stylegan2', 1, 'fp16', False),
-    ('stylegan2', 0, 'fp16', True), ('stylegan2', 1, 'bf16', True),
-    pytest.param('projected', 0, 'bf16', False, marks=SLOW), pytest.param('projected', 1, 'fp16', False, marks=SLOW),
-    pytest.param('projected', 1, 'fp32', True, marks=SLOW),
+CASES = [  # (disc, freeze, precision, static_step, reuse_fakes)
+    ('stylegan2', 0, 'fp32', False, False), ('stylegan2', 1, 'bf16', False, False), ('stylegan2', 1, 'fp16', False, False),
+    ('stylegan2', 0, 'fp16', True, False), ('stylegan2', 1, 'bf16', True, False),
+    ('stylegan2', 3, 'fp32', False, True), ('stylegan2', 1, 'fp16', True, True),
+    pytest.param('projected', 0, 'bf16', False, False, marks=SLOW), pytest.param('projected', 1, 'fp16', False, False, marks=SLOW),
+    pytest.param('projected', 1, 'fp32', True, False, marks=SLOW),
+    pytest.param('projected', 2, 'fp32', False, True, marks=SLOW), pytest.param('projected', 1, 'bf16', True, True, marks=SLOW),
 ]
 
 
-@pytest.mark.parametrize('disc,freeze,precision,static_step', CASES)
-def test_d2o_steps_never_read_device_values(disc, freeze, precision, static_step, monkeypatch):
-    trainer = d2o_trainer(disc, freeze, precision, static_step)
+@pytest.mark.parametrize('disc,freeze,precision,static_step,reuse_fakes', CASES)
+def test_d2o_steps_never_read_device_values(disc, freeze, precision, static_step, reuse_fakes, monkeypatch):
+    trainer = d2o_trainer(disc, freeze, precision, static_step, reuse_fakes=reuse_fakes)
     assert (trainer.step_graph is not None) == static_step
     assert trainer.scaler.is_enabled() == (precision == 'fp16')
     seen, means, longest_bad, bad_at_end = run_guarded(trainer, monkeypatch, steps=[1, 2])   # step 2 is an R1 step

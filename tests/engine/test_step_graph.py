@@ -31,12 +31,12 @@ def batches(trainer, count):
                            device=trainer.device) for i in range(count)]
 
 
-@pytest.mark.parametrize('freeze,precision', [(1, 'fp32'), (0, 'fp16')])
-def test_graph_structured_step_trains_exactly_like_the_plain_step(freeze, precision):
+@pytest.mark.parametrize('freeze,precision,reuse_fakes', [(1, 'fp32', False), (0, 'fp16', False), (2, 'fp32', True)])
+def test_graph_structured_step_trains_exactly_like_the_plain_step(freeze, precision, reuse_fakes):
     """Five iterations with two accumulation rounds, R1 at steps 2 and 4: the same weights, EMA, D, optimizer and
-    scaler state, bit for bit, and the same statistics."""
-    plain = d2o_trainer('stylegan2', freeze, precision, static_step=False, rounds=2)
-    graphed = d2o_trainer('stylegan2', freeze, precision, static_step=True, rounds=2)
+    scaler state, bit for bit, and the same statistics (with --reuse-fakes too: no D-step noise buffer then)."""
+    plain = d2o_trainer('stylegan2', freeze, precision, static_step=False, rounds=2, reuse_fakes=reuse_fakes)
+    graphed = d2o_trainer('stylegan2', freeze, precision, static_step=True, rounds=2, reuse_fakes=reuse_fakes)
     assert graphed.step_graph is not None and not graphed.step_graph.capture   # CPU: the structure, no capture
     for step, (images, labels) in enumerate(batches(plain, 5)):
         a = plain.step(images, labels, step, step * 4)
@@ -45,6 +45,7 @@ def test_graph_structured_step_trains_exactly_like_the_plain_step(freeze, precis
         for k in a:
             assert torch.equal(a[k], b[k]), (step, k)
     assert graphed.static['images'].shape == (4, 3, RES, RES)   # the inputs went through the static buffers
+    assert ('z_d' in graphed.static) != reuse_fakes
     state_plain, state_graphed = full_state(plain), full_state(graphed)
     assert list(state_plain) == list(state_graphed) and any(k.startswith('opt_d.') for k in state_plain)
     for k, v in state_plain.items():

@@ -78,3 +78,38 @@ def test_bad_arguments_are_user_errors(tmp_path, user_error):
     assert '--kimg must be positive' in user_error(main, ['ablation', '--kimg', '0', '--outdir', tmp_path])
     assert '--seeds must be at least 1' in user_error(main, ['sweep', '--seeds', '0', '--outdir', tmp_path])
     assert '--methods' in user_error(main, ['sweep', '--methods', 'd2o,gan', '--outdir', tmp_path])
+
+
+def test_reuse_verdict_by_hand():
+    """Gap and two standard errors from hand-computed values: fresh fakes end at 20 and 30 (sd sqrt(50)), reuse at
+    24 and 26 (sd sqrt(2)); gap +0, 2 SE = 2 sqrt(50/2 + 2/2) = 10.2. Then reuse at 40 and 42: gap +16 > 2 SE."""
+    from d2o_fast.experiments.studies import reuse_verdicts
+    base = arm_summary(arms.D2O_F1, [_record(0, [50.0, 20.0], [0, 0]), _record(1, [50.0, 30.0], [0, 0])])
+    same = arm_summary(arms.D2O_F1_REUSE, [_record(0, [50.0, 24.0], [0, 0]), _record(1, [50.0, 26.0], [0, 0])])
+    end, _ = reuse_verdicts([base, same])
+    assert end['gap'] == pytest.approx(0.0) and end['two_se'] == pytest.approx(2 * 26 ** 0.5)
+    assert end['supported'] and end['within_spread'] and 'within the seed spread' in end['evidence']
+    worse = arm_summary(arms.D2O_F1_REUSE, [_record(0, [50.0, 40.0], [0, 0]), _record(1, [50.0, 42.0], [0, 0])])
+    end, _ = reuse_verdicts([base, worse])
+    assert end['gap'] == pytest.approx(16.0) and not end['supported'] and not end['within_spread']
+    assert end['evidence'].endswith('so worse')
+
+
+def test_reuse_study_over_two_seeds(tmp_path, tiny_demo_model, monkeypatch):
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    out = tmp_path / 'reuse'
+    main(['reuse', '--seeds', '2', '--outdir', str(out), '--init', tiny_demo_model, *TINY])
+    report = json.loads((out / 'reuse.json').read_text())
+    assert [a['arm'] for a in report['arms']] == [a.name for a in arms.REUSE]
+    assert [a['overrides'].get('reuse_fakes', False) for a in report['arms']] == [False, True]
+    for a in report['arms']:
+        assert a['seeds'] == [0, 1] and a['end_fid'] > 0 and all(r['end_kimg'] == pytest.approx(0.032) for r in a['runs'])
+    runs = {a['arm']: a['runs'] for a in report['arms']}
+    assert [r['end_fid'] for r in runs[arms.D2O_F1.name]] != [r['end_fid'] for r in runs[arms.D2O_F1_REUSE.name]]
+    configs = [json.loads((out / 'runs' / f'{a.slug}-seed0' / 'config.json').read_text()) for a in arms.REUSE]
+    assert [c['reuse_fakes'] for c in configs] == [False, True]
+    assert len(report['verdicts']) == 2 and all(isinstance(v['supported'], bool) for v in report['verdicts'])
+    assert report['provenance']['command'].startswith('python -m d2o_fast.experiments reuse --seeds 2')
+    md = (out / 'reuse.md').read_text()
+    assert '## Verdict' in md and ('within the seed spread' in md or 'so better' in md or 'so worse' in md)
+    assert os.path.getsize(out / 'reuse.png') > 10_000
