@@ -55,7 +55,7 @@ def test_train_help_lists_registries_and_the_presets_values(capsys, monkeypatch)
     # The demo preset's values, not the config class's defaults (batch 256, kimg 5000, precision auto).
     for flag, shown in [('--batch', '[demo: 16]'), ('--kimg', '[demo: 5]'), ('--precision', '[demo: auto]'),
                         ('--freeze', '[demo: 1]'), ('--disc', '[demo: stylegan2]'), ('--eval-demo', '[demo: true]'),
-                        ('--lr', '[demo: 0.001]'), ('--batch-gpu', '[demo: unset]')]:
+                        ('--lr', '[demo: 0.0003]'), ('--batch-gpu', '[demo: unset]')]:
         assert demo[flag].endswith(shown), demo[flag]
     cifar = help_lines(train.main, ['--preset', 'cifar10-cond'], capsys, monkeypatch)
     for flag, shown in [('--batch', '[cifar10-cond: 256]'), ('--kimg', '[cifar10-cond: 5000]'),

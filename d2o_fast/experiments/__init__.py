@@ -2,7 +2,7 @@
 
     python -m d2o_fast.experiments ablation --seeds 3     # D2O, D2O-F level 1 and 3, random-init GAN
     python -m d2o_fast.experiments sweep --lrs 1e-4,3e-4,1e-3 --seeds 2   # one recipe for D2O and D2O-F
-    python -m d2o_fast.experiments demo-seeds --seeds 0,1,2              # the default demo command on each seed
+    python -m d2o_fast.experiments demo-seeds --seeds 3                  # the default demo command on seeds 0-2
     python -m d2o_fast.experiments reuse --seeds 3        # D2O-F with and without --reuse-fakes
 
 Every study trains the demo (its preset, data and pre-trained model) once per (arm, seed), evaluates demo-FID
