@@ -10,7 +10,6 @@ reports images/sec of steady-state batches after two warm-up batches. Without DA
 
 import json
 import pathlib
-import time
 
 import numpy as np
 import pytest

@@ -14,7 +14,6 @@ Prefetching never moves the position: state_dict() is always the next batch hand
 import collections
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 
 from d2o_fast.data.errors import LoaderError

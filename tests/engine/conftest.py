@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from d2o_fast.checkpoint import save_snapshot
+from d2o_fast.discriminators import build_discriminator
 from d2o_fast.engine.config import resolve_config
 from d2o_fast.nets import architecture_kwargs, build_network
 
@@ -20,6 +21,20 @@ def tiny_edm(label_dim=CLASSES, seed=0):
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return net
+
+
+def tiny_generator_and_discriminator(disc, c_dim, seed=0):
+    """A 16x16 D2O generator (8 channels, random weights, no dropout) and a small `disc` discriminator: the
+    projected one with a single EfficientNet-Lite0 backbone (random weights), or StyleGAN2 at width 32."""
+    torch.manual_seed(seed)
+    G = build_network('D2OPrecond', **architecture_kwargs('ddpmpp', RES, 3, c_dim, model_channels=8, channel_mult=[1, 2],
+                                                          num_blocks=1, attn_resolutions=[8], dropout=0.0))
+    if disc == 'projected':
+        D = build_discriminator('projected', RES, 3, c_dim, backbones=('tf_efficientnet_lite0',), pretrained=False,
+                                input_size=128)
+    else:
+        D = build_discriminator('stylegan2', RES, 3, c_dim, channel_base=256, channel_max=32)
+    return G, D
 
 
 @pytest.fixture(scope='session')

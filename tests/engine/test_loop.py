@@ -3,9 +3,6 @@
 import glob
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch

@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from d2o_fast.discriminators import build_discriminator
 from d2o_fast.engine.config import PRETRAIN_PRESETS, PretrainConfig, resolve_config
 from d2o_fast.engine.edm_trainer import EDMTrainer
 from d2o_fast.engine.loop import TickMeter
 from d2o_fast.engine.trainer import D2OTrainer
 from d2o_fast.nets import architecture_kwargs, build_network, labelled_batch
 from d2o_fast.ops import KernelFallbackWarning
+from tests.engine.conftest import tiny_generator_and_discriminator
 
 RES, CLASSES, CPU = 16, 3, torch.device('cpu')
 HOST_READS = ('item', 'tolist', '__bool__', '__float__', '__int__', '__index__', 'cpu', 'numpy')
@@ -66,14 +66,7 @@ def test_the_guard_catches_each_kind_of_read(monkeypatch):
 
 
 def d2o_trainer(disc, freeze, precision, static_step=False, rounds=2, device=CPU, reuse_fakes=False):
-    torch.manual_seed(0)
-    G = build_network('D2OPrecond', **architecture_kwargs('ddpmpp', RES, 3, CLASSES, model_channels=8, channel_mult=[1, 2],
-                                                          num_blocks=1, attn_resolutions=[8], dropout=0.0))
-    if disc == 'projected':
-        D = build_discriminator('projected', RES, 3, CLASSES, backbones=('tf_efficientnet_lite0',), pretrained=False,
-                                input_size=128)
-    else:
-        D = build_discriminator('stylegan2', RES, 3, CLASSES, channel_base=256, channel_max=32)
+    G, D = tiny_generator_and_discriminator(disc, CLASSES, seed=0)
     bf16_disc = precision == 'bf16' and disc == 'stylegan2'   # oneDNN's bf16 depthwise convolutions are slow on CPU
     cfg = resolve_config('demo', init='random', arch='ddpmpp', disc=disc, freeze=freeze, batch=2 * rounds, seed=5,
                          lr=1e-3, dlr=1e-3, precision=precision, disc_precision='bf16' if bf16_disc else 'fp32',

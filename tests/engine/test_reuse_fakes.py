@@ -7,26 +7,19 @@ import copy
 import pytest
 import torch
 
-from d2o_fast.discriminators import build_discriminator
 from d2o_fast.engine.config import resolve_config
 from d2o_fast.engine.gan import discriminator_loss, mean_logit
 from d2o_fast.engine.optim import finish_gradients
 from d2o_fast.engine.trainer import D2OTrainer, map_tensors
 from d2o_fast.errors import ConfigError
-from d2o_fast.nets import architecture_kwargs, build_network, labelled_batch
+from d2o_fast.nets import labelled_batch
+from tests.engine.conftest import tiny_generator_and_discriminator
 
 RES, CLASSES, CPU = 16, 3, torch.device('cpu')
 
 
 def trainer(disc, freeze, reuse_fakes, c_dim=CLASSES, rounds=2, **config):
-    torch.manual_seed(0)
-    G = build_network('D2OPrecond', **architecture_kwargs('ddpmpp', RES, 3, c_dim, model_channels=8, channel_mult=[1, 2],
-                                                          num_blocks=1, attn_resolutions=[8], dropout=0.0))
-    if disc == 'projected':
-        D = build_discriminator('projected', RES, 3, c_dim, backbones=('tf_efficientnet_lite0',), pretrained=False,
-                                input_size=128)
-    else:
-        D = build_discriminator('stylegan2', RES, 3, c_dim, channel_base=256, channel_max=32)
+    G, D = tiny_generator_and_discriminator(disc, c_dim, seed=0)
     cfg = resolve_config('demo', init='random', arch='ddpmpp', disc=disc, freeze=freeze, batch=2 * rounds, seed=5,
                          lr=1e-3, dlr=1e-3, precision='fp32', r1_interval=4, reuse_fakes=reuse_fakes, **config)
     return D2OTrainer(G, D, cfg, CPU, batch_gpu=2, rounds=rounds)

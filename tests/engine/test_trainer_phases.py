@@ -8,23 +8,16 @@ import pytest
 import torch
 from torch.nn.functional import softplus
 
-from d2o_fast.discriminators import build_discriminator
 from d2o_fast.engine.config import AUTHORS_IMAGES_PER_GPU, AUTHORS_R1_GAMMA, TrainConfig, resolve_config
 from d2o_fast.engine.trainer import D2OTrainer
 from d2o_fast.nets import architecture_kwargs, build_network
+from tests.engine.conftest import tiny_generator_and_discriminator
 
 RES = 16
 
 
 def tiny_trainer(disc, pair, c_dim, seed=0):
-    torch.manual_seed(seed)
-    G = build_network('D2OPrecond', **architecture_kwargs('ddpmpp', RES, 3, c_dim, model_channels=8, channel_mult=[1, 2],
-                                                          num_blocks=1, attn_resolutions=[8], dropout=0.0))
-    if disc == 'projected':
-        D = build_discriminator('projected', RES, 3, c_dim, backbones=('tf_efficientnet_lite0',), pretrained=False,
-                                input_size=128)
-    else:
-        D = build_discriminator('stylegan2', RES, 3, c_dim, channel_base=256, channel_max=32)
+    G, D = tiny_generator_and_discriminator(disc, c_dim, seed=seed)
     cfg = resolve_config('demo', init='random', arch='ddpmpp', disc=disc, batch=4, seed=5, disc_pair_forward=pair,
                          lr=1e-3, dlr=1e-3)
     return D2OTrainer(G, D, cfg, torch.device('cpu'), batch_gpu=2, rounds=2)

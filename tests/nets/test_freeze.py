@@ -1,7 +1,6 @@
 """D2O-F freeze levels: the authors' rule, full-size counts from the paper, no frozen weight gradients."""
 
 import pytest
-import torch
 
 from d2o_fast.nets import apply_freeze, build_network, build_on_meta, edm_checkpoint_kwargs, format_freeze_report, freeze_report, is_frozen
 from tests.nets.test_networks import VARIANTS, inputs
