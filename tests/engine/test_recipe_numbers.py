@@ -267,7 +267,7 @@ def test_generator_step_gradient_by_hand():
     D = trainer.D
     images = random_images(4)
     z_g, _ = trainer.draws(3, images.shape[1:], 0)
-    stats = trainer.generator_phase(*trainer.split(images, torch.zeros(4, 0)), z_g.chunk(2))
+    stats, _ = trainer.generator_phase(*trainer.split(images, torch.zeros(4, 0)), z_g.chunk(2))
     y, _, _ = d2o_generation_by_hand(z_g)
     y, x = y.flatten(1), z_g.double().flatten(1) * 80
     w, a = D.w.detach(), D.a.item()
