@@ -384,13 +384,8 @@ def run_in_subprocess(side, variant, path, batch, iters, threads, authors_src=No
 
 
 def device_description():
-    model = platform.processor() or 'unknown CPU'
-    try:
-        with open('/proc/cpuinfo') as f:
-            model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    return f'{model}, {os.cpu_count()} logical cores'
+    from d2o_fast.experiments.report import machine_description  # imports torch: not at this module's start
+    return machine_description()
 
 
 def git_commit(directory):
