@@ -82,7 +82,7 @@ def run_arm(arm, seed, runs_dir, overrides, quiet=False):
 def run_demo_command(seed, runs_dir, extra_args=()):
     """The README's demo command with --seed, in a subprocess, timed from start to its printed table."""
     outdir = os.path.join(runs_dir, f'demo-seed{seed}')
-    runs = sorted(os.listdir(outdir)) if os.path.isdir(outdir) else []
+    runs = sorted(d for d in os.listdir(outdir) if os.path.isdir(os.path.join(outdir, d))) if os.path.isdir(outdir) else []
     if len(runs) == 1:
         record = _finished_record(os.path.join(outdir, runs[0]))
         if record is not None:

@@ -190,7 +190,7 @@ def demo_seeds(seeds, outdir, runs_dir, extra_args, argv):
     rows.append(f"| mean ± sd | | | {fid:.2f} ± {fid_sd:.2f} | {100 * acc:.1f} ± {100 * acc_sd:.1f}% | "
                 f"{sum(demo_passes(r['table']) for r in records)} / {len(records)} | {wall / 60:.1f} ± {wall_sd / 60:.1f} min |")
     lines = ['# The demo command on several seeds', '', *provenance_lines(prov), '',
-             f"Each seed runs `{records[0]['command'].replace('--seed ' + str(records[0]['seed']), '--seed S')}` in its own "
+             f"Each seed runs `{_any_seed(records[0])}` in its own "
              'process; wall time from start to the printed table. Bars: (c) demo-FID at most half of (a), class accuracy '
              'at least 90%.', '', *rows]
     _mkdir(outdir)
@@ -198,6 +198,12 @@ def demo_seeds(seeds, outdir, runs_dir, extra_args, argv):
                'The demo command, mean ± sd over seeds')
     _write(outdir, 'demo-seeds', dict(provenance=prov, runs=records), '\n'.join(lines))
     return records
+
+
+def _any_seed(record):
+    """A demo run's command with its seed, in the flag and the output folder, written as S."""
+    seed = record['seed']
+    return record['command'].replace(f'--seed {seed}', '--seed S').replace(f'demo-seed{seed}', 'demo-seedS')
 
 
 def _mkdir(path):

@@ -113,3 +113,39 @@ def test_reuse_study_over_two_seeds(tmp_path, tiny_demo_model, monkeypatch):
     md = (out / 'reuse.md').read_text()
     assert '## Verdict' in md and ('within the seed spread' in md or 'so better' in md or 'so worse' in md)
     assert os.path.getsize(out / 'reuse.png') > 10_000
+
+
+def _finished_demo_run(runs_dir, seed, tuned_fid, accuracy):
+    """A demo-seeds run folder as the demo command leaves it: its output beside one finished run folder."""
+    outdir = runs_dir / f'demo-seed{seed}'
+    run_dir = outdir / '00000-demo-demo-freeze1-stylegan2-batch16'
+    run_dir.mkdir(parents=True)
+    (outdir / 'command-output.txt').write_text('the printed table\n')
+    (run_dir / 'finished').write_text('')
+    table = [dict(fid=40.0 + seed, accuracy=0.2), dict(fid=8.0, accuracy=0.2), dict(fid=tuned_fid, accuracy=accuracy)]
+    command = f'-m d2o_fast.train --compile --seed {seed} --outdir {outdir}'
+    record = dict(_record(seed, [40.0 + seed, tuned_fid], [0.2, accuracy]), arm='demo', run_dir=str(run_dir),
+                  command=command, table=table)
+    (run_dir / 'study-run.json').write_text(json.dumps(record))
+    return record
+
+
+def test_demo_seeds_skips_finished_seeds_and_reports_each_against_the_bars(tmp_path, monkeypatch):
+    from d2o_fast.experiments import runs, studies
+    runs_dir = tmp_path / 'runs'
+    records = [_finished_demo_run(runs_dir, 0, 12.0, 0.95), _finished_demo_run(runs_dir, 1, 25.0, 0.97)]
+
+    run = runs.subprocess.run
+
+    def no_training(cmd, *args, **kwargs):
+        assert '-m' not in cmd, f'a finished seed was run again: {cmd}'
+        return run(cmd, *args, **kwargs)  # git, for the provenance
+    monkeypatch.setattr(runs.subprocess, 'run', no_training)
+    out = tmp_path / 'demo-seeds'
+    assert studies.demo_seeds(range(2), str(out), str(runs_dir), [], ['demo-seeds', '--seeds', '2']) == records
+    md = (out / 'demo-seeds.md').read_text()
+    assert f'--seed S --outdir {runs_dir}/demo-seedS`' in md
+    assert '| 0 | 40.00 | 8.00 | 12.00 | 95.0% | yes |' in md  # 12 <= 40 / 2 and 95% >= 90%
+    assert '| 1 | 41.00 | 8.00 | 25.00 | 97.0% | NO |' in md   # 25 > 41 / 2
+    assert '| mean ± sd | | | 18.50 ± 9.19 | 96.0 ± 1.4% | 1 / 2 |' in md
+    assert json.loads((out / 'demo-seeds.json').read_text())['runs'] == records
