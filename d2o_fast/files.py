@@ -17,6 +17,17 @@ def file_sha256(path, chunk_bytes=1 << 20):
     return digest.hexdigest()
 
 
+def sources_sha256(root, suffix='.py'):
+    """Hex sha256 of every `suffix` file under `root`: their relative paths and bytes, in sorted order."""
+    digest = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(f for f in files if f.endswith(suffix)):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, root).encode() + b'\0' + file_sha256(path).encode())
+    return digest.hexdigest()
+
+
 def _new_temporary(directory, name):
     """(path, mode) of a new empty file next to the destination; the mode is what the umask gives any new file."""
     for _ in range(100):

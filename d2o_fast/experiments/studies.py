@@ -6,7 +6,6 @@
     reuse       D2O-F with and without --reuse-fakes (the D step on the G step's fakes): does it cost quality?
 """
 
-import json
 import os
 
 from d2o_fast.experiments import arms as arm_table
@@ -33,20 +32,14 @@ def _write(outdir, name, payload, markdown):
 #----------------------------------------------------------------------------
 # Ablation.
 
-def teacher_reference(init, eval_images, runs_dir):
-    """Row (b) of the demo table, the 35-NFE Heun teacher on the evaluation's seeds (cached: it costs minutes)."""
+def teacher_reference(init, eval_images):
+    """Row (b) of the demo table, the 35-NFE Heun teacher on the evaluation's seeds, in the precision the demo's
+    generator trains in (--precision auto). Computed once per checkpoint and code (teacher_demo_metrics' cache)."""
     from d2o_fast.engine.tasks import resolve_init_path
     from d2o_fast.metrics.demo_report import teacher_demo_metrics
     from d2o_fast.ops import native_bf16
-    path = os.path.join(runs_dir, f'teacher-{eval_images}.json')
-    if not os.path.exists(path):
-        os.makedirs(runs_dir, exist_ok=True)
-        print('== the Heun teacher (18 steps, 35 NFE) on the evaluation seeds', flush=True)
-        bf16 = native_bf16('cpu')  # as the demo's generator trains (--precision auto)
-        metrics = dict(teacher_demo_metrics(resolve_init_path(init), eval_images, bf16=bf16), bf16=bf16)
-        write_json(path, metrics)
-    with open(path) as f:
-        return json.load(f)
+    bf16 = native_bf16('cpu')
+    return dict(teacher_demo_metrics(resolve_init_path(init), eval_images, bf16=bf16), bf16=bf16)
 
 
 def ablation_verdicts(summaries, teacher):
@@ -82,7 +75,7 @@ def ablation_verdicts(summaries, teacher):
 def ablation(seeds, outdir, runs_dir, overrides, argv):
     trained = _train_all(arm_table.ABLATION, seeds, runs_dir, overrides)
     summaries = [arm_summary(arm, records) for arm, records in trained]
-    teacher = teacher_reference(overrides.get('init', 'demo'), overrides.get('eval_images', 500), runs_dir)
+    teacher = teacher_reference(overrides.get('init', 'demo'), overrides.get('eval_images', 500))
     verdicts = ablation_verdicts(summaries, teacher)
     prov = provenance(argv)
     lines = ['# The paper\'s claims in miniature: D2O, D2O-F and a random-init GAN on the demo', '', *provenance_lines(prov), '',

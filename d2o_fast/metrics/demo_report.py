@@ -4,12 +4,15 @@
     (c) the fine-tuned one-step generator (the D2O / D2O-F EMA snapshot).
 All three on the same seeds and class labels."""
 
+import hashlib
+import json
 import os
 
 import torch
 
+from d2o_fast.assets import cache_dir
 from d2o_fast.checkpoint import load_network
-from d2o_fast.files import write_json, write_text
+from d2o_fast.files import file_sha256, sources_sha256, write_json, write_text
 from d2o_fast.metrics.demo_classifier import demo_metrics, demo_reference_stats
 from d2o_fast.nets import edm_sampler, labelled_batch
 from d2o_fast.ops import native_bf16
@@ -56,11 +59,37 @@ def compare_demo_generators(init_path, snapshot_path, num_images=500, batch=100,
     return rows
 
 
+def teacher_cache_path(init_path, num_images, batch, heun_steps, bf16, device):
+    """Where the teacher row for these inputs is kept (D2O_FAST_CACHE/teacher-rows/). The row depends only on the
+    checkpoint's bytes, the evaluation's settings, the device type, torch and this package's code, and all of them
+    are in the key: a change to any of them computes it again."""
+    key = json.dumps(dict(checkpoint=file_sha256(init_path), num_images=num_images, batch=batch, heun_steps=heun_steps,
+                          bf16=bool(bf16), device=torch.device(device).type, torch=torch.__version__,
+                          code=sources_sha256(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
+                     sort_keys=True)
+    return os.path.join(cache_dir(), 'teacher-rows', hashlib.sha256(key.encode()).hexdigest()[:32] + '.json')
+
+
 def teacher_demo_metrics(init_path, num_images=500, batch=100, heun_steps=18, bf16=None, device='cpu'):
     """{'demo_fid', 'demo_accuracy'} of the pre-trained denoiser with EDM's Heun sampler on `device`, on the
-    evaluation's seeds (under bf16 autocast where the device runs bf16 natively, unless `bf16` says otherwise)."""
+    evaluation's seeds (under bf16 autocast where the device runs bf16 natively, unless `bf16` says otherwise).
+
+    Its 35 network evaluations per image cost minutes on a CPU, and the result is the same for every run from the
+    same checkpoint, so it is computed once per key (teacher_cache_path) and read back afterwards."""
     device = torch.device(device)
     bf16 = native_bf16(device.type) if bf16 is None else bf16
+    path = teacher_cache_path(init_path, num_images, batch, heun_steps, bf16, device)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)['metrics']
+    metrics = _teacher_metrics(init_path, num_images, batch, heun_steps, bf16, device)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json(path, dict(metrics=metrics, checkpoint=os.path.abspath(init_path), num_images=num_images,
+                          heun_steps=heun_steps, bf16=bool(bf16), device=device.type, torch=torch.__version__))
+    return metrics
+
+
+def _teacher_metrics(init_path, num_images, batch, heun_steps, bf16, device):
     teacher = load_network(init_path, device)
     z, labels = demo_latents(num_images, teacher.img_resolution, teacher.img_channels, teacher.label_dim)
     sample = lambda zz, c: edm_sampler(teacher, zz.to(device), None if c is None else c.to(device),

@@ -63,3 +63,38 @@ def test_measured_rows_only_for_what_the_run_evaluated():
     assert measured_rows(cfg, resumed) == dict(tuned=end)
     assert measured_rows(resolve_config('demo', reinit=True, freeze=0), full) == dict(tuned=end)  # kimg 0 is random init
     assert measured_rows(cfg, LoopResult('run', 6000, 'snap', evaluations=[start, mid, end])) == dict(raw=start)
+
+
+def test_the_teacher_row_is_computed_once_per_checkpoint_settings_and_code(tmp_path, monkeypatch):
+    from d2o_fast.metrics import demo_report
+    monkeypatch.setenv('D2O_FAST_CACHE', str(tmp_path / 'cache'))
+    init = assets.demo_checkpoint_path()
+    first = demo_report.teacher_demo_metrics(init, N, batch=8, heun_steps=2, bf16=False)
+    assert first == demo_report._teacher_metrics(init, N, 8, 2, False, torch.device('cpu'))
+    real, calls = demo_report._teacher_metrics, []
+    monkeypatch.setattr(demo_report, '_teacher_metrics', lambda *args: calls.append(args) or real(*args))
+    assert demo_report.teacher_demo_metrics(init, N, batch=8, heun_steps=2, bf16=False) == first and calls == []
+    three_steps = demo_report.teacher_demo_metrics(init, N, batch=8, heun_steps=3, bf16=False)
+    assert len(calls) == 1 and three_steps != first
+    _, other_checkpoint = _perturbed_snapshot(tmp_path)
+    demo_report.teacher_demo_metrics(other_checkpoint, N, batch=8, heun_steps=2, bf16=False)
+    assert len(calls) == 2
+    monkeypatch.setattr(demo_report, 'sources_sha256', lambda root: 'edited code')
+    assert demo_report.teacher_demo_metrics(init, N, batch=8, heun_steps=2, bf16=False) == first and len(calls) == 3
+    assert len(list((tmp_path / 'cache' / 'teacher-rows').glob('*.json'))) == 4
+
+
+def test_sources_digest_follows_names_and_bytes(tmp_path):
+    from d2o_fast.files import sources_sha256
+    (tmp_path / 'pkg' / 'sub').mkdir(parents=True)
+    (tmp_path / 'pkg' / 'a.py').write_text('x = 1\n')
+    (tmp_path / 'pkg' / 'sub' / 'b.py').write_text('y = 2\n')
+    (tmp_path / 'pkg' / 'notes.txt').write_text('not code')
+    before = sources_sha256(tmp_path / 'pkg')
+    (tmp_path / 'pkg' / 'notes.txt').write_text('still not code')
+    assert sources_sha256(tmp_path / 'pkg') == before
+    (tmp_path / 'pkg' / 'sub' / 'b.py').write_text('y = 3\n')
+    assert sources_sha256(tmp_path / 'pkg') != before
+    (tmp_path / 'pkg' / 'sub' / 'b.py').write_text('y = 2\n')
+    (tmp_path / 'pkg' / 'sub' / 'b.py').rename(tmp_path / 'pkg' / 'sub' / 'c.py')
+    assert sources_sha256(tmp_path / 'pkg') != before
