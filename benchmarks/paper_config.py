@@ -4,6 +4,7 @@
     python benchmarks/paper_config.py --authors-src DIR              # ours and the authors', interleaved
     python benchmarks/paper_config.py --authors-src DIR --repeats 2  # each case twice, the order reversed the second time
     python benchmarks/paper_config.py --variant d2o-f --path fastest # one case, printed only
+    python benchmarks/paper_config.py --variants d2o-f --paths eager,eager-reuse --authors-src DIR  # a subset of cases
     python benchmarks/paper_config.py --variant d2o-f --side authors --path fp32 --authors-src DIR
     python benchmarks/paper_config.py --numerics                     # only the bf16 numerics check of our paths
 
@@ -24,6 +25,8 @@ Our paths (`OUR_PATHS`, config overrides of the real D2OTrainer):
   reuse    fastest with --reuse-fakes: less computation, not the same. The D step trains on the G step's fakes and
            their frozen-backbone features (detached), so it runs neither the generator nor the backbones on fakes;
            only the heads run again on them. The report sets it against fastest (`REUSE_OF`): FLOPs, img/s, peak RSS.
+  eager-reuse  eager with --reuse-fakes, set against eager: the reuse comparison in fp32, for CPUs without native
+           bf16 (there, the fastest and reuse paths run bf16 in reference kernels and measure those).
 The authors' paths (`authors_iteration.PATHS`; their code driven as their training loop does, see
 benchmarks/authors_iteration.py for what is adapted at run time):
   fp32       their code as it runs on a CPU (their D2OPrecond takes bf16 only on CUDA). The default.
@@ -72,8 +75,10 @@ OUR_PATHS = {
     'eager': dict(precision='fp32', disc_precision='fp32', channels_last=False, disc_pair_forward=False),
     'fastest': dict(precision='bf16', disc_precision='bf16', channels_last=True, disc_pair_forward=True),
     'reuse': dict(precision='bf16', disc_precision='bf16', channels_last=True, disc_pair_forward=True, reuse_fakes=True),
+    'eager-reuse': dict(precision='fp32', disc_precision='fp32', channels_last=False, disc_pair_forward=False,
+                        reuse_fakes=True),
 }
-REUSE_OF = {'reuse': 'fastest'}  # our path with --reuse-fakes -> the same path without it
+REUSE_OF = {'reuse': 'fastest', 'eager-reuse': 'eager'}  # our path with --reuse-fakes -> the same path without it
 PATHS = tuple(OUR_PATHS)
 SIDES = {'ours': OUR_PATHS, 'authors': authors_iteration.PATHS}  # side -> its paths
 GENERATOR_CHECKPOINT = 'edm-cifar10-32x32-uncond-ve'
@@ -538,6 +543,8 @@ def main():
     p.add_argument('--path', choices=sorted({path for paths in SIDES.values() for path in paths}))
     p.add_argument('--side', choices=sorted(SIDES), default='ours', help='with --variant/--path: whose code runs')
     p.add_argument('--authors-src', metavar='DIR', help='a checkout of github.com/Zyriix/D2O: measure it in the same run')
+    p.add_argument('--variants', default=','.join(VARIANTS), metavar='LIST',
+                   help=f'variants to run, comma-separated, of {", ".join(VARIANTS)} (default: all)')
     p.add_argument('--paths', default=','.join(OUR_PATHS), metavar='LIST',
                    help=f'our paths to run, comma-separated, of {", ".join(OUR_PATHS)} (default: all)')
     p.add_argument('--authors-paths', default=DEFAULT_AUTHORS_PATHS, metavar='LIST',
@@ -553,6 +560,7 @@ def main():
     for name in ('batch', 'iters', 'repeats', 'threads'):
         if getattr(a, name) < 1:
             p.error(f'--{name} must be at least 1')
+    variants = path_list(p, '--variants', a.variants, VARIANTS)
     our_paths = path_list(p, '--paths', a.paths, OUR_PATHS)
     authors_paths = path_list(p, '--authors-paths', a.authors_paths, authors_iteration.PATHS)
     authors_src = None
@@ -586,7 +594,7 @@ def main():
     results = []
     load_start = os.getloadavg()
     for repeat in range(a.repeats):
-        for side, variant, path in schedule(VARIANTS, our_paths, authors_paths if authors_src else [], repeat):
+        for side, variant, path in schedule(variants, our_paths, authors_paths if authors_src else [], repeat):
             try:
                 r = run_in_subprocess(side, variant, path, a.batch, a.iters, a.threads, authors_src)
             except CaseFailed as e:

@@ -32,7 +32,9 @@ def test_paths_configure_the_engine():
     assert fast.G.init_kwargs['dropout'] == 0  # as the training entry point
     reuse = paper_config.build_trainer('d2o-f', 'reuse', 2, SMALL_G, SMALL_D)
     assert reuse.reuse_fakes and not fast.reuse_fakes and not eager.reuse_fakes
-    assert {k: v for k, v in paper_config.OUR_PATHS['reuse'].items() if k != 'reuse_fakes'} == paper_config.OUR_PATHS['fastest']
+    for reuse_path, base in paper_config.REUSE_OF.items():
+        options = dict(paper_config.OUR_PATHS[reuse_path])
+        assert options.pop('reuse_fakes') is True and options == paper_config.OUR_PATHS[base]
 
 
 @pytest.fixture(scope='module')
@@ -64,12 +66,14 @@ def test_both_paths_count_the_same_flops(small_runs):
         assert fastest[phase] == pytest.approx(eager[phase], rel=1e-6), phase
 
 
-def test_reuse_removes_the_d_steps_generator_and_backbone_pass_on_fakes(small_runs):
-    """The reuse path's D step counts exactly the FLOPs of the fastest one minus a no-grad generator forward and a
+@pytest.mark.parametrize('reuse_path', sorted(paper_config.REUSE_OF))
+def test_reuse_removes_the_d_steps_generator_and_backbone_pass_on_fakes(small_runs, reuse_path):
+    """A reuse path's D step counts exactly the FLOPs of its base path minus a no-grad generator forward and a
     pass of the frozen feature networks on the fakes (counted here on their own); G and R1 steps are unchanged."""
-    fastest, reuse = small_runs['fastest']['flops'], small_runs['reuse']['flops']
+    base_path = paper_config.REUSE_OF[reuse_path]
+    fastest, reuse = small_runs[base_path]['flops'], small_runs[reuse_path]['flops']
     assert reuse['G'] == fastest['G'] and reuse['R1'] == fastest['R1']
-    trainer = paper_config.build_trainer('d2o-f', 'fastest', 2, SMALL_G, SMALL_D)
+    trainer = paper_config.build_trainer('d2o-f', base_path, 2, SMALL_G, SMALL_D)
     z = torch.randn(2, 3, 32, 32)
     with paper_config.flop_counter() as counter:
         fake = trainer.generate(z, None, grad=False)
@@ -93,12 +97,14 @@ def test_results_files_without_a_peer(small_runs, tmp_path, monkeypatch):
     assert saved['ratios'] == [] and len(saved['table']) == len(paper_config.PATHS)
     md = (tmp_path / 'paper_config.md').read_text()
     assert 'No peer was measured in this run' in md and 'Ours / theirs' not in md
-    (reuse,) = saved['reuse_ratios']
-    assert (reuse['variant'], reuse['reuse'], reuse['base']) == ('d2o-f', 'reuse', 'fastest')
-    assert reuse['flops'] == pytest.approx(small_runs['reuse']['flops']['per_iteration']
-                                           / small_runs['fastest']['flops']['per_iteration'])
-    assert reuse['flops'] < 1 and reuse['d_flops'] < 1
-    assert '## Reusing the G step\'s fakes' in md and f'| d2o-f | reuse | fastest | {reuse["flops"]:.3f} |' in md
+    assert sorted(r['reuse'] for r in saved['reuse_ratios']) == sorted(paper_config.REUSE_OF)
+    assert '## Reusing the G step\'s fakes' in md
+    for reuse in saved['reuse_ratios']:
+        assert (reuse['variant'], reuse['base']) == ('d2o-f', paper_config.REUSE_OF[reuse['reuse']])
+        assert reuse['flops'] == pytest.approx(small_runs[reuse['reuse']]['flops']['per_iteration']
+                                               / small_runs[reuse['base']]['flops']['per_iteration'])
+        assert reuse['flops'] < 1 and reuse['d_flops'] < 1
+        assert f'| d2o-f | {reuse["reuse"]} | {reuse["base"]} | {reuse["flops"]:.3f} |' in md
     for path in paper_config.PATHS:
         assert f'| ours | d2o-f | {path} |' in md
     assert f'torch {torch.__version__}' in md and meta['commit'].split()[0] in md
@@ -152,6 +158,27 @@ def test_a_run_with_a_peer_writes_the_ratios(small_runs, tmp_path, monkeypatch, 
     assert 'ours eager    / theirs fp32     : images/s 3.00x' in capsys.readouterr().out
 
 
+def test_a_subset_of_variants_and_paths_runs_only_those_cases(small_runs, tmp_path, monkeypatch):
+    checkout = tmp_path / 'authors'
+    for name in paper_config.authors_iteration.REQUIRED_FILES:
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / name).touch()
+    ran = []
+
+    def fake_case(side, variant, path, batch, iters, threads, authors_src=None):
+        ran.append((side, variant, path))
+        return dict(small_runs['eager' if side == 'authors' else path], side=side, variant=variant, path=path)
+    monkeypatch.setattr(paper_config, 'run_in_subprocess', fake_case)
+    monkeypatch.setattr(paper_config, 'RESULTS_DIR', tmp_path / 'results')
+    monkeypatch.setattr(sys, 'argv', ['paper_config.py', '--authors-src', str(checkout), '--variants', 'd2o-f',
+                                      '--paths', 'eager,eager-reuse'])
+    paper_config.main()
+    assert ran == [('ours', 'd2o-f', 'eager'), ('authors', 'd2o-f', 'fp32'), ('ours', 'd2o-f', 'eager-reuse')]
+    saved = json.loads((tmp_path / 'results' / 'paper_config.json').read_text())
+    assert [(r['reuse'], r['base']) for r in saved['reuse_ratios']] == [('eager-reuse', 'eager')]
+    assert {(r['variant'], r['ours']) for r in saved['ratios']} == {('d2o-f', 'eager'), ('d2o-f', 'eager-reuse')}
+
+
 def test_schedule_interleaves_ours_and_theirs_and_alternates_the_order():
     ours = list(paper_config.OUR_PATHS)
     first = paper_config.schedule(paper_config.VARIANTS, ours, ['fp32', 'bf16-unet'], repeat=0)
@@ -174,6 +201,7 @@ def test_schedule_interleaves_ours_and_theirs_and_alternates_the_order():
     (['--iters', '0'], '--iters must be at least 1'),
     (['--authors-paths', 'fp32,fp16'], '--authors-paths fp32,fp16: expected'),
     (['--paths', 'eager,compiled'], '--paths eager,compiled: expected'),
+    (['--variants', 'd2o,edm'], '--variants d2o,edm: expected'),
 ])
 def test_bad_arguments_exit_with_a_message(args, message, tmp_path):
     done = subprocess.run([sys.executable, paper_config.__file__, *args], capture_output=True, text=True,
