@@ -18,7 +18,8 @@ def file_sha256(path, chunk_bytes=1 << 20):
 
 
 def sources_sha256(root, suffix='.py'):
-    """Hex sha256 of every `suffix` file under `root`: their relative paths and bytes, in sorted order."""
+    """Hex sha256 of every file under `root` whose name ends with `suffix` (a string or a tuple of them): their
+    relative paths and bytes, in sorted order."""
     digest = hashlib.sha256()
     for folder, dirs, files in sorted(os.walk(root)):
         dirs.sort()

@@ -63,9 +63,11 @@ def difference(a, b, key='end_fid'):
     return a[key] - b[key], math.sqrt(a[key + '_sd'] ** 2 / na + b[key + '_sd'] ** 2 / nb)
 
 
-def standing(gap, se):
-    """Where a gap of demo-FIDs (lower is better) stands against two standard errors of it."""
-    return 'within the seed spread' if abs(gap) <= 2 * se else ('better' if gap < 0 else 'worse')
+def standing(gap, se, lower_is_better=True):
+    """Where a gap (demo-FID: lower is better; class accuracy: higher) stands against two standard errors of it."""
+    if abs(gap) <= 2 * se:
+        return 'within the seed spread'
+    return 'better' if (gap < 0) == lower_is_better else 'worse'
 
 #----------------------------------------------------------------------------
 # Tables.

@@ -96,20 +96,31 @@ def ablation(seeds, outdir, runs_dir, overrides, argv):
 #----------------------------------------------------------------------------
 # Reusing the G step's fakes in the D step.
 
+REUSE_CHECKS = (  # statistic, how the verdict names it, whether lower is better
+    ('end_fid', 'end demo-FID', True),
+    ('last3_fid', 'mean of the last three demo-FIDs', True),
+    ('end_accuracy', 'class accuracy at the end', False),
+    ('last3_accuracy', 'mean of the last three class accuracies', False),
+)
+
+
 def reuse_verdicts(summaries):
-    """Reuse against the default, on end demo-FID and on the mean of the last three evaluations: within the seed
-    spread when |gap| <= 2 standard errors of the gap."""
+    """Reuse against the default on demo-FID and class accuracy (at the end, and the mean of the last three
+    evaluations): not worse when it is better or within the seed spread (|gap| <= 2 standard errors of the gap)."""
     by_name = {s['arm']: s for s in summaries}
     base, reuse = by_name[arm_table.D2O_F1.name], by_name[arm_table.D2O_F1_REUSE.name]
     verdicts = []
-    for key, what in (('end_fid', 'end demo-FID'), ('last3_fid', 'mean of the last three demo-FIDs')):
+    for key, what, lower_is_better in REUSE_CHECKS:
         gap, se = difference(reuse, base, key)
+        verdict = standing(gap, se, lower_is_better)
+        show = (lambda v: f'{100 * v:.1f}%') if key.endswith('accuracy') else (lambda v: f'{v:.2f}')
+        signed = f'{100 * gap:+.1f} points' if key.endswith('accuracy') else f'{gap:+.2f}'
         verdicts.append(dict(
             claim=f'reusing the G step\'s fakes is not worse than fresh fakes beyond the seed spread ({what})',
-            supported=gap <= 2 * se, within_spread=abs(gap) <= 2 * se, gap=gap, two_se=2 * se,
-            evidence=f'reuse {reuse[key]:.2f} ± {reuse[key + "_sd"]:.2f} vs fresh fakes {base[key]:.2f} ± '
-                     f'{base[key + "_sd"]:.2f} (mean ± sd over {len(reuse["runs"])} and {len(base["runs"])} seeds): '
-                     f'gap {gap:+.2f}, two standard errors of the gap {2 * se:.2f}, so {standing(gap, se)}'))
+            supported=verdict != 'worse', within_spread=verdict == 'within the seed spread', gap=gap, two_se=2 * se,
+            evidence=f'reuse {show(reuse[key])} ± {show(reuse[key + "_sd"])} vs fresh fakes {show(base[key])} ± '
+                     f'{show(base[key + "_sd"])} (mean ± sd over {len(reuse["runs"])} and {len(base["runs"])} seeds): '
+                     f'gap {signed}, two standard errors of the gap {show(2 * se)}, so {verdict}'))
     return verdicts
 
 

@@ -59,13 +59,20 @@ def compare_demo_generators(init_path, snapshot_path, num_images=500, batch=100,
     return rows
 
 
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What the teacher row is computed with: the network, sampler, checkpoint and kernel code, the demo data's builder,
+# the demo classifier and its weights.
+TEACHER_CODE = ('assets', 'checkpoint', 'data', 'metrics', 'nets', 'ops')
+TEACHER_FILES = ('.py', '.safetensors')
+
+
 def teacher_cache_path(init_path, num_images, batch, heun_steps, bf16, device):
     """Where the teacher row for these inputs is kept (D2O_FAST_CACHE/teacher-rows/). The row depends only on the
-    checkpoint's bytes, the evaluation's settings, the device type, torch and this package's code, and all of them
-    are in the key: a change to any of them computes it again."""
+    checkpoint's bytes, the evaluation's settings, the device type, torch and the code of TEACHER_CODE, and all of
+    them are in the key: a change to any of them computes it again."""
     key = json.dumps(dict(checkpoint=file_sha256(init_path), num_images=num_images, batch=batch, heun_steps=heun_steps,
                           bf16=bool(bf16), device=torch.device(device).type, torch=torch.__version__,
-                          code=sources_sha256(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
+                          code={name: sources_sha256(os.path.join(PACKAGE_DIR, name), TEACHER_FILES) for name in TEACHER_CODE}),
                      sort_keys=True)
     return os.path.join(cache_dir(), 'teacher-rows', hashlib.sha256(key.encode()).hexdigest()[:32] + '.json')
 

@@ -86,13 +86,29 @@ def test_reuse_verdict_by_hand():
     from d2o_fast.experiments.studies import reuse_verdicts
     base = arm_summary(arms.D2O_F1, [_record(0, [50.0, 20.0], [0, 0]), _record(1, [50.0, 30.0], [0, 0])])
     same = arm_summary(arms.D2O_F1_REUSE, [_record(0, [50.0, 24.0], [0, 0]), _record(1, [50.0, 26.0], [0, 0])])
-    end, _ = reuse_verdicts([base, same])
+    end, *_ = reuse_verdicts([base, same])
     assert end['gap'] == pytest.approx(0.0) and end['two_se'] == pytest.approx(2 * 26 ** 0.5)
     assert end['supported'] and end['within_spread'] and 'within the seed spread' in end['evidence']
     worse = arm_summary(arms.D2O_F1_REUSE, [_record(0, [50.0, 40.0], [0, 0]), _record(1, [50.0, 42.0], [0, 0])])
-    end, _ = reuse_verdicts([base, worse])
+    end, *_ = reuse_verdicts([base, worse])
     assert end['gap'] == pytest.approx(16.0) and not end['supported'] and not end['within_spread']
     assert end['evidence'].endswith('so worse')
+
+
+def test_reuse_verdict_on_class_accuracy_by_hand():
+    """Higher is better: fresh fakes end at 96% and 98% (sd 1.41 points), reuse at 90% and 91% (sd 0.71): gap -6.5
+    points, 2 SE = 2 sqrt(2/2 + 0.5/2) = 2.24 points, so worse. Reuse at 99% and 100% is better."""
+    from d2o_fast.experiments.studies import reuse_verdicts
+    base = arm_summary(arms.D2O_F1, [_record(0, [50.0, 20.0], [0.1, 0.96]), _record(1, [50.0, 20.0], [0.1, 0.98])])
+    lower = arm_summary(arms.D2O_F1_REUSE, [_record(0, [50.0, 20.0], [0.1, 0.90]), _record(1, [50.0, 20.0], [0.1, 0.91])])
+    end_fid, _, end_acc, _ = reuse_verdicts([base, lower])
+    assert end_fid['supported'] and end_fid['within_spread']
+    assert end_acc['gap'] == pytest.approx(-0.065) and end_acc['two_se'] == pytest.approx(2 * 1.25 ** 0.5 / 100)
+    assert not end_acc['supported'] and end_acc['evidence'].endswith('gap -6.5 points, two standard errors of the gap '
+                                                                      '2.2%, so worse')
+    higher = arm_summary(arms.D2O_F1_REUSE, [_record(0, [50.0, 20.0], [0.1, 0.99]), _record(1, [50.0, 20.0], [0.1, 1.0])])
+    end_acc = reuse_verdicts([base, higher])[2]
+    assert end_acc['supported'] and not end_acc['within_spread'] and end_acc['evidence'].endswith('so better')
 
 
 def test_reuse_study_over_two_seeds(tmp_path, tiny_demo_model, monkeypatch):
@@ -108,7 +124,7 @@ def test_reuse_study_over_two_seeds(tmp_path, tiny_demo_model, monkeypatch):
     assert [r['end_fid'] for r in runs[arms.D2O_F1.name]] != [r['end_fid'] for r in runs[arms.D2O_F1_REUSE.name]]
     configs = [json.loads((out / 'runs' / f'{a.slug}-seed0' / 'config.json').read_text()) for a in arms.REUSE]
     assert [c['reuse_fakes'] for c in configs] == [False, True]
-    assert len(report['verdicts']) == 2 and all(isinstance(v['supported'], bool) for v in report['verdicts'])
+    assert len(report['verdicts']) == 4 and all(isinstance(v['supported'], bool) for v in report['verdicts'])
     assert report['provenance']['command'].startswith('python -m d2o_fast.experiments reuse --seeds 2')
     md = (out / 'reuse.md').read_text()
     assert '## Verdict' in md and ('within the seed spread' in md or 'so better' in md or 'so worse' in md)

@@ -79,7 +79,7 @@ def test_the_teacher_row_is_computed_once_per_checkpoint_settings_and_code(tmp_p
     _, other_checkpoint = _perturbed_snapshot(tmp_path)
     demo_report.teacher_demo_metrics(other_checkpoint, N, batch=8, heun_steps=2, bf16=False)
     assert len(calls) == 2
-    monkeypatch.setattr(demo_report, 'sources_sha256', lambda root: 'edited code')
+    monkeypatch.setattr(demo_report, 'sources_sha256', lambda root, suffixes: 'edited code')
     assert demo_report.teacher_demo_metrics(init, N, batch=8, heun_steps=2, bf16=False) == first and len(calls) == 3
     assert len(list((tmp_path / 'cache' / 'teacher-rows').glob('*.json'))) == 4
 
@@ -98,3 +98,4 @@ def test_sources_digest_follows_names_and_bytes(tmp_path):
     (tmp_path / 'pkg' / 'sub' / 'b.py').write_text('y = 2\n')
     (tmp_path / 'pkg' / 'sub' / 'b.py').rename(tmp_path / 'pkg' / 'sub' / 'c.py')
     assert sources_sha256(tmp_path / 'pkg') != before
+    assert sources_sha256(tmp_path / 'pkg', ('.py', '.txt')) != sources_sha256(tmp_path / 'pkg')
