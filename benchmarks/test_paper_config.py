@@ -124,13 +124,27 @@ def test_ratios_pair_every_path_of_ours_with_every_path_of_theirs(small_runs):
     assert r['flops'] == pytest.approx(small_runs['eager']['flops']['per_iteration'] / 1e12)
 
 
-def test_a_run_with_a_peer_writes_the_ratios(small_runs, tmp_path, monkeypatch, capsys):
-    """main() with --authors-src: every case of the schedule runs (here: canned results in place of the child
-    processes), the report names the peer and gives ours / theirs for every pair of paths."""
+def _authors_checkout(tmp_path):
+    """A folder with the files check_source requires of a checkout of the authors' code (all empty)."""
     checkout = tmp_path / 'authors'
     for name in paper_config.authors_iteration.REQUIRED_FILES:
         (checkout / name).parent.mkdir(parents=True, exist_ok=True)
         (checkout / name).touch()
+    return checkout
+
+
+def _main_with_canned_cases(monkeypatch, tmp_path, case, *argv):
+    """paper_config.main() on `argv`, with `case` in place of the child processes and the results in tmp_path/results."""
+    monkeypatch.setattr(paper_config, 'run_in_subprocess', case)
+    monkeypatch.setattr(paper_config, 'RESULTS_DIR', tmp_path / 'results')
+    monkeypatch.setattr(sys, 'argv', ['paper_config.py', *argv])
+    paper_config.main()
+
+
+def test_a_run_with_a_peer_writes_the_ratios(small_runs, tmp_path, monkeypatch, capsys):
+    """main() with --authors-src: every case of the schedule runs (here: canned results in place of the child
+    processes), the report names the peer and gives ours / theirs for every pair of paths."""
+    checkout = _authors_checkout(tmp_path)
     ran = []
 
     def fake_case(side, variant, path, batch, iters, threads, authors_src=None):
@@ -139,10 +153,7 @@ def test_a_run_with_a_peer_writes_the_ratios(small_runs, tmp_path, monkeypatch, 
         slower = 3.0 if side == 'authors' else 1.0
         return dict(base, side=side, variant=variant, path=path, s_per_it=base['s_per_it'] * slower,
                     img_per_s=base['img_per_s'] / slower)
-    monkeypatch.setattr(paper_config, 'run_in_subprocess', fake_case)
-    monkeypatch.setattr(paper_config, 'RESULTS_DIR', tmp_path / 'results')
-    monkeypatch.setattr(sys, 'argv', ['paper_config.py', '--authors-src', str(checkout), '--repeats', '2'])
-    paper_config.main()
+    _main_with_canned_cases(monkeypatch, tmp_path, fake_case, '--authors-src', str(checkout), '--repeats', '2')
     ours = list(paper_config.OUR_PATHS)
     assert ran == paper_config.schedule(paper_config.VARIANTS, ours, ['fp32'], 0) + paper_config.schedule(
         paper_config.VARIANTS, ours, ['fp32'], 1)
@@ -159,20 +170,14 @@ def test_a_run_with_a_peer_writes_the_ratios(small_runs, tmp_path, monkeypatch, 
 
 
 def test_a_subset_of_variants_and_paths_runs_only_those_cases(small_runs, tmp_path, monkeypatch):
-    checkout = tmp_path / 'authors'
-    for name in paper_config.authors_iteration.REQUIRED_FILES:
-        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
-        (checkout / name).touch()
+    checkout = _authors_checkout(tmp_path)
     ran = []
 
     def fake_case(side, variant, path, batch, iters, threads, authors_src=None):
         ran.append((side, variant, path))
         return dict(small_runs['eager' if side == 'authors' else path], side=side, variant=variant, path=path)
-    monkeypatch.setattr(paper_config, 'run_in_subprocess', fake_case)
-    monkeypatch.setattr(paper_config, 'RESULTS_DIR', tmp_path / 'results')
-    monkeypatch.setattr(sys, 'argv', ['paper_config.py', '--authors-src', str(checkout), '--variants', 'd2o-f',
-                                      '--paths', 'eager,eager-reuse'])
-    paper_config.main()
+    _main_with_canned_cases(monkeypatch, tmp_path, fake_case, '--authors-src', str(checkout), '--variants', 'd2o-f',
+                            '--paths', 'eager,eager-reuse')
     assert ran == [('ours', 'd2o-f', 'eager'), ('authors', 'd2o-f', 'fp32'), ('ours', 'd2o-f', 'eager-reuse')]
     saved = json.loads((tmp_path / 'results' / 'paper_config.json').read_text())
     assert [(r['reuse'], r['base']) for r in saved['reuse_ratios']] == [('eager-reuse', 'eager')]

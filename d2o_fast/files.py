@@ -92,4 +92,4 @@ def write_json(path, payload, indent=2):
     write_text(path, json.dumps(payload, indent=indent) + '\n')
 
 
-__all__ = ['file_sha256', 'atomic_path', 'write_text', 'write_json']
+__all__ = ['file_sha256', 'sources_sha256', 'atomic_path', 'write_text', 'write_json']
